@@ -1,0 +1,261 @@
+"""The `raygate` command: `up` runs everything in the foreground; `push`, `status`, `history`
+and `delete` talk to the admin API with httpx."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from rollout.spec import SpecError, load_spec_file
+
+DEFAULT_ADMIN = "http://127.0.0.1:8001"
+DEFAULT_STATE = ".raygate"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    code: int = args.func(args)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raygate", description=__doc__)
+    sub = p.add_subparsers()
+
+    up = sub.add_parser("up", help="run controller and gateway in the foreground")
+    up.add_argument("specs", nargs="*", type=Path, metavar="SPEC")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000, help="data plane port")
+    up.add_argument("--admin-port", type=int, default=8001)
+    up.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
+    up.add_argument("--engine", choices=["python"], default="python")
+    up.add_argument("--log-level", default="INFO")
+    up.set_defaults(func=_up)
+
+    def client(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--admin-url", default=os.environ.get("RAYGATE_ADMIN_URL", DEFAULT_ADMIN))
+        sp.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
+
+    push = sub.add_parser("push", help="push a spec (YAML or JSON file)")
+    push.add_argument("spec", type=Path)
+    push.add_argument("--wait", action="store_true", help="wait until live (0) or aborted (1)")
+    push.add_argument("--timeout", type=float, default=900.0)
+    client(push)
+    push.set_defaults(func=_push)
+
+    status = sub.add_parser("status", help="show services")
+    status.add_argument("name", nargs="?")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true")
+    client(status)
+    status.set_defaults(func=_status)
+
+    history = sub.add_parser("history", help="every revision of a service")
+    history.add_argument("name")
+    client(history)
+    history.set_defaults(func=_history)
+
+    delete = sub.add_parser("delete", help="drain and tear down a service")
+    delete.add_argument("name")
+    client(delete)
+    delete.set_defaults(func=_delete)
+    return p
+
+
+# ---- up ------------------------------------------------------------------------------
+def _up(args: argparse.Namespace) -> int:
+    from rollout.server import UpSettings, run_up  # keeps `raygate status` light
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # One line per probe request is noise; raygate logs what it decided instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        specs = [load_spec_file(p) for p in args.specs]
+    except (SpecError, OSError) as exc:
+        print(f"raygate: invalid spec: {exc}", file=sys.stderr)
+        return 2
+    settings = UpSettings(
+        state_dir=args.state_dir,
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        token=os.environ.get("RAYGATE_TOKEN") or None,
+    )
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_up(settings, specs))
+
+
+# ---- admin API clients -----------------------------------------------------------------
+def _client(args: argparse.Namespace) -> httpx.Client:
+    token = os.environ.get("RAYGATE_TOKEN")
+    if not token:
+        path = args.state_dir / "token"
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            raise SystemExit(f"raygate: no RAYGATE_TOKEN and no token at {path}") from None
+    return httpx.Client(
+        base_url=args.admin_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30.0,
+        trust_env=False,
+    )
+
+
+def _fail(resp: httpx.Response) -> int:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    if isinstance(body, dict) and body.get("errors"):
+        print(f"raygate: {body.get('detail', 'error')} ({resp.status_code}):", file=sys.stderr)
+        for err in body["errors"]:
+            text = f"{err['field']}: {err['message']}" if isinstance(err, dict) else err
+            print(f"  - {text}", file=sys.stderr)
+    else:
+        print(f"raygate: {resp.status_code}: {body}", file=sys.stderr)
+    return 1
+
+
+def _push(args: argparse.Namespace) -> int:
+    try:
+        raw = yaml.safe_load(args.spec.read_text())
+        load_spec_file(args.spec)  # same checks as the server, with paths relative to the file
+    except (SpecError, OSError, yaml.YAMLError) as exc:
+        print(f"raygate: invalid spec {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    code_dir = (raw.get("cluster") or {}).get("code_dir")
+    if code_dir and not Path(code_dir).is_absolute():
+        raw["cluster"]["code_dir"] = str((args.spec.parent / code_dir).resolve())
+    with _client(args) as client:
+        resp = client.put(f"/v1/services/{raw['name']}", json=raw)
+        if resp.status_code not in (200, 202):
+            return _fail(resp)
+        out = resp.json()
+        if out.get("unchanged"):
+            print(f"{out['name']}: {out['message']}")
+            return 0
+        print(f"{out['name']}: revision {out['revision']} pushed")
+        if not args.wait:
+            return 0
+        return _wait(client, out["name"], out["revision"], args.timeout)
+
+
+def _wait(client: httpx.Client, name: str, revision: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        resp = client.get(f"/v1/services/{name}")
+        if resp.status_code != 200:
+            return _fail(resp)
+        s = resp.json()
+        line = _progress(s)
+        if line != last:
+            print(f"  {time.strftime('%H:%M:%S')} {line}", flush=True)
+            last = line
+        lr = s.get("last_rollout") or {}
+        if s.get("active") and s["active"]["revision"] == revision and not s.get("pending"):
+            print(f"{name}: revision {revision} is live on {s['active']['cluster']}")
+            return 0
+        if lr.get("revision") == revision and lr.get("result") in ("aborted", "superseded"):
+            print(
+                f"{name}: revision {revision} {lr['result']}: {lr.get('message', '')}",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(1.0)
+    print(f"raygate: gave up waiting after {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def _progress(s: dict[str, Any]) -> str:
+    p = s.get("pending")
+    if p:
+        msg = (p.get("message") or "").splitlines()[0][:100] if p.get("message") else ""
+        return f"{s['phase']}: revision {p['revision']} {p['step']} on {p['cluster']} {msg}"
+    return f"{s['phase']}"
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        while True:
+            path = f"/v1/services/{args.name}" if args.name else "/v1/services"
+            resp = client.get(path)
+            if resp.status_code != 200:
+                return _fail(resp)
+            body = resp.json()
+            services = [body] if args.name else body
+            if args.json:
+                print(json.dumps(body, indent=2))
+            else:
+                _print_table(services)
+            if not args.watch:
+                return 0
+            time.sleep(2.0)
+            print()
+
+
+def _print_table(services: list[dict[str, Any]]) -> None:
+    if not services:
+        print("no services")
+    for s in services:
+        active = s["active"]
+        print(f"{s['name']}  phase={s['phase']}  desired=r{s['desired_revision']}")
+        where = f"r{active['revision']} on {active['cluster']}" if active else "-"
+        print(f"  active:  {where}")
+        p = s["pending"]
+        if p:
+            print(f"  pending: r{p['revision']} {p['kind']} {p['step']} on {p['cluster']}")
+            if p["message"]:
+                print(f"           {p['message'].splitlines()[0][:120]}")
+        lr = s["last_rollout"]
+        if lr:
+            first = (lr["message"] or "").splitlines()[0][:120] if lr["message"] else ""
+            print(f"  last rollout: r{lr['revision']} {lr['result']} {first}")
+        traffic = ", ".join(f"{c}={w}%" for c, w in s["traffic"].items()) or "-"
+        print(f"  traffic: {traffic}   routes: {s['routes']}")
+
+
+def _history(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.get(f"/v1/services/{args.name}/history")
+        if resp.status_code != 200:
+            return _fail(resp)
+        for r in resp.json():
+            pushed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["pushed_at"]))
+            print(
+                f"r{r['revision']}  {pushed}  {r['spec_hash']}  {r['result']}  "
+                f"{(r['message'] or '').splitlines()[0][:100] if r['message'] else ''}"
+            )
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.delete(f"/v1/services/{args.name}")
+        if resp.status_code != 202:
+            return _fail(resp)
+        print(f"{args.name}: deleting (draining, then tearing down its clusters)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

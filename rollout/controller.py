@@ -1,0 +1,337 @@
+"""The controller: a level-triggered loop per service that observes, plans, commits, acts.
+
+Order inside one tick (Ray Serve and argo-rollouts do the same):
+1. observe  - liveness and health of each cluster the service holds, in-flight counts;
+2. plan     - the pure planner decides (rollout.plan);
+3. commit   - the decision is written to SQLite *before* any side effect;
+4. route    - the gateway gets the route table derived from every service's state;
+5. act      - clusters are created, configs deployed, drained clusters deleted.
+A failure inside a tick is logged and retried on the next one: the loop never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from gateway.dataplane import DataPlane
+from gateway.routes import Backend, Route, RouteTable
+from rollout.health import HealthChecker
+from rollout.plan import (
+    ClusterObservation,
+    CreateCluster,
+    Decision,
+    DeleteCluster,
+    DeployServe,
+    Liveness,
+    Observation,
+    Revision,
+    ServiceState,
+    plan,
+)
+from rollout.providers.base import ClusterInfo, ClusterProvider, ProviderError
+from rollout.serve_client import ServeApiError, ServeClient
+from rollout.spec import ServiceSpec
+from rollout.store import ClusterState, Store
+
+log = logging.getLogger("raygate.controller")
+
+# Serve's proxy closes idle keep-alive connections after this; the gateway's own upstream
+# keep-alive is shorter, so it never sends on a connection the proxy is closing.
+SERVE_KEEP_ALIVE_S = 90
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    tick_s: float = 1.0
+
+
+def serve_config(spec: ServiceSpec, info: ClusterInfo) -> dict[str, Any]:
+    """The user's Serve config with the http_options raygate owns for this cluster."""
+    config = dict(spec.serve)
+    http = dict(config.get("http_options") or {})
+    http.update(host=info.serve_host, port=info.serve_port)
+    http.setdefault("keep_alive_timeout_s", SERVE_KEEP_ALIVE_S)
+    config["http_options"] = http
+    return config
+
+
+def route_table(
+    states: Mapping[str, ServiceState],
+    specs_of: Callable[[str, int], ServiceSpec],
+    clusters: Mapping[str, ClusterInfo],
+) -> RouteTable:
+    """Derive the gateway's routes from every service's state: one pure function."""
+    by_prefix: dict[str, Route] = {}
+    for name, state in sorted(states.items()):
+        for cluster, weight in state.traffic().items():
+            info = clusters.get(cluster)
+            revision = state.expected_revision(cluster)
+            if weight <= 0 or info is None or revision is None:
+                continue
+            spec = specs_of(name, revision)
+            for app, prefix in spec.app_routes().items():
+                key = "/" + prefix.strip("/") if prefix.strip("/") else "/"
+                existing = by_prefix.get(key)
+                backend = Backend(cluster, info.serve_url, weight)
+                if existing is None:
+                    by_prefix[key] = Route(key, name, app, (backend,))
+                elif existing.service == name:
+                    by_prefix[key] = Route(key, name, app, (*existing.backends, backend))
+                else:
+                    log.error(
+                        "route %s claimed by %s and %s; keeping %s",
+                        key,
+                        existing.service,
+                        name,
+                        existing.service,
+                    )
+    return RouteTable(tuple(by_prefix.values()))
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        provider: ClusterProvider,
+        dataplane: DataPlane,
+        http: httpx.AsyncClient,
+        settings: ControllerSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.dataplane = dataplane
+        self.settings = settings or ControllerSettings()
+        self.clock = clock
+        self.health = HealthChecker(http)
+        self.serve = ServeClient(http)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._errors: dict[tuple[str, int], str] = {}  # (cluster, revision) -> permanent error
+        self._table: RouteTable | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._spawn = asyncio.Event()
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.recover()
+        await self.publish_routes()
+        self._supervisor = asyncio.create_task(self._supervise(), name="raygate-supervisor")
+
+    async def recover(self) -> None:
+        """After a restart: finish deletions, remove clusters no state refers to, orphans."""
+        referenced: set[str] = set()
+        for name in self.store.service_names():
+            state = self.store.load(name)
+            if state is not None:
+                referenced.update(state.clusters())
+        for info, cstate in self.store.clusters():
+            if cstate is ClusterState.DELETING or info.id not in referenced:
+                log.info("recover: deleting cluster %s (%s)", info.id, cstate.value)
+                await self._delete(info.id)
+        known = [info for info, _ in self.store.clusters()]
+        stray = await self.provider.orphans(known)
+        if stray:
+            log.warning("recover: stopped orphan clusters %s", stray)
+
+    async def stop(self, delete_clusters: bool = True) -> None:
+        tasks = [*self._tasks.values(), *([self._supervisor] if self._supervisor else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if delete_clusters:
+            for info, _ in self.store.clusters():
+                await self._delete(info.id)
+            await self.provider.orphans([])
+
+    def wake(self, name: str | None = None) -> None:
+        if name is not None and name in self._wake:
+            self._wake[name].set()
+        self._spawn.set()
+
+    async def _supervise(self) -> None:
+        while True:
+            for name in self.store.service_names():
+                task = self._tasks.get(name)
+                if task is None or task.done():
+                    self._wake[name] = asyncio.Event()
+                    self._tasks[name] = asyncio.create_task(self._service_loop(name))
+            self._spawn.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spawn.wait(), self.settings.tick_s)
+
+    async def _service_loop(self, name: str) -> None:
+        wake = self._wake[name]
+        while True:
+            wake.clear()
+            try:
+                if not await self.reconcile(name):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile of %s failed; retrying next tick", name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.settings.tick_s)
+
+    # ---- one tick -------------------------------------------------------------------
+    async def reconcile(self, name: str) -> bool:
+        """One observe-plan-commit-act pass. False once the service is gone."""
+        state = self.store.load(name)
+        if state is None:
+            return False
+        desired = self.store.latest(name)
+        revisions = self._revisions(name, state, desired)
+        observed = await self.observe(state, revisions)
+        now = self.clock()
+        decision = plan(state, desired, revisions, observed, now, self._new_cluster_id(name))
+        new_infos = self._allocate(decision, revisions)
+        self.store.commit(
+            decision.state,
+            decision.finished,
+            decision.events,
+            now,
+            new_clusters=new_infos.values(),
+            deleting=[a.cluster for a in decision.actions if isinstance(a, DeleteCluster)],
+            gone=decision.gone,
+        )
+        if decision.state.pending is not None:
+            self.store.mark_rollout_started(name, decision.state.pending.revision)
+        for text in decision.events:
+            log.info("%s: %s", name, text)
+        await self.publish_routes()
+        await self._act(decision, revisions, new_infos)
+        return not decision.gone
+
+    def _revisions(self, name: str, state: ServiceState, desired: Revision) -> dict[int, Revision]:
+        numbers = {desired.number}
+        if state.active is not None:
+            numbers.add(state.active.revision)
+        if state.pending is not None:
+            numbers.add(state.pending.revision)
+        return {
+            n: desired if n == desired.number else self.store.revision(name, n) for n in numbers
+        }
+
+    async def observe(self, state: ServiceState, revisions: Mapping[int, Revision]) -> Observation:
+        in_flight = self.dataplane.in_flight()
+        out: dict[str, ClusterObservation] = {}
+        for cid in state.clusters():
+            record = self.store.cluster(cid)
+            if record is None:
+                out[cid] = ClusterObservation(Liveness.DEAD, in_flight=in_flight.get(cid, 0))
+                continue
+            info, _ = record
+            liveness = await self.provider.liveness(info)
+            expected = state.expected_revision(cid)
+            health = message = None
+            if liveness is Liveness.UP and expected is not None and expected in revisions:
+                is_pending = state.pending is not None and state.pending.cluster == cid
+                report = await self.health.check(
+                    info.dashboard_url, info.serve_url, revisions[expected].spec, probes=is_pending
+                )
+                health, message = report.health, report.message
+            out[cid] = ClusterObservation(
+                liveness,
+                health,
+                message or "",
+                in_flight.get(cid, 0),
+                self._errors.get((cid, expected)) if expected is not None else None,
+            )
+        return Observation(out)
+
+    def _new_cluster_id(self, name: str) -> str:
+        return f"{name}-{secrets.token_hex(3)}"
+
+    def _allocate(
+        self, decision: Decision, revisions: Mapping[int, Revision]
+    ) -> dict[str, ClusterInfo]:
+        infos: dict[str, ClusterInfo] = {}
+        taken = [info for info, _ in self.store.clusters()]
+        for action in decision.actions:
+            if isinstance(action, CreateCluster):
+                spec = revisions[action.revision].spec
+                info = self.provider.allocate(action.cluster, spec.name, spec.cluster, taken)
+                taken.append(info)
+                infos[action.cluster] = info
+        return infos
+
+    async def publish_routes(self) -> None:
+        states = {n: s for n in self.store.service_names() if (s := self.store.load(n))}
+        clusters = {info.id: info for info, _ in self.store.clusters()}
+        table = route_table(states, lambda n, r: self.store.revision(n, r).spec, clusters)
+        if table != self._table:
+            await self.dataplane.apply(table)
+            self._table = table
+
+    # ---- act ------------------------------------------------------------------------
+    async def _act(
+        self,
+        decision: Decision,
+        revisions: Mapping[int, Revision],
+        new_infos: Mapping[str, ClusterInfo],
+    ) -> None:
+        for action in decision.actions:
+            if isinstance(action, CreateCluster):
+                await self._create(new_infos[action.cluster], revisions[action.revision])
+            elif isinstance(action, DeployServe):
+                await self._deploy(action.cluster, revisions[action.revision])
+            elif isinstance(action, DeleteCluster):
+                await self._delete(action.cluster)
+
+    async def _create(self, info: ClusterInfo, revision: Revision) -> None:
+        started = time.monotonic()
+        try:
+            info = await self.provider.start(info, revision.spec.cluster)
+        except ProviderError as exc:
+            log.error("creating %s failed: %s", info.id, exc)
+            if exc.permanent:
+                self._errors[(info.id, revision.number)] = f"cluster start failed: {exc}"
+            return
+        self.store.update_cluster(info, ClusterState.RUNNING)
+        self._event(info.service, f"cluster {info.id} started in {time.monotonic() - started:.1f}s")
+
+    async def _deploy(self, cluster: str, revision: Revision) -> None:
+        record = self.store.cluster(cluster)
+        if record is None:
+            return
+        info, _ = record
+        started = time.monotonic()
+        try:
+            await self.serve.deploy(info.dashboard_url, serve_config(revision.spec, info))
+        except ServeApiError as exc:
+            log.error("deploying revision %s to %s failed: %s", revision.number, cluster, exc)
+            if exc.permanent:
+                self._errors[(cluster, revision.number)] = str(exc)
+            return
+        self._event(
+            info.service,
+            f"revision {revision.number} sent to {cluster} in {time.monotonic() - started:.1f}s",
+        )
+
+    async def _delete(self, cluster: str) -> None:
+        record = self.store.cluster(cluster)
+        if record is None:
+            return
+        info, _ = record
+        started = time.monotonic()
+        await self.provider.delete(info)
+        self.store.drop_cluster(cluster)
+        self._errors = {k: v for k, v in self._errors.items() if k[0] != cluster}
+        self._event(info.service, f"cluster {cluster} deleted in {time.monotonic() - started:.1f}s")
+
+    def _event(self, service: str, text: str) -> None:
+        log.info("%s: %s", service, text)
+        self.store.add_event(service, text, self.clock())

@@ -1,0 +1,65 @@
+"""The provider interface. A provider is stateless: everything it needs to find, check or
+delete a cluster is in the ClusterInfo it returned, which the controller persists *before*
+the cluster is started. That is what lets a restarted raygate re-adopt or clean up clusters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from rollout.plan import Liveness
+from rollout.spec import ClusterSpec
+
+
+class ProviderError(Exception):
+    """A cluster could not be created; `permanent` when trying again cannot help."""
+
+    def __init__(self, message: str, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    id: str
+    service: str
+    provider: str
+    dashboard_url: str  # Ray dashboard (Serve REST API)
+    serve_host: str  # where the Serve HTTP proxy listens
+    serve_port: int
+    created_at: float
+    data: dict[str, Any] = field(default_factory=dict)  # provider-specific (ports, pids, ...)
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.serve_host}:{self.serve_port}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> ClusterInfo:
+        return ClusterInfo(**json.loads(text))
+
+
+class ClusterProvider(Protocol):
+    name: str
+
+    def allocate(
+        self, cluster_id: str, service: str, spec: ClusterSpec, taken: Sequence[ClusterInfo]
+    ) -> ClusterInfo:
+        """Choose where the cluster will live (no side effects beyond probing ports)."""
+
+    async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
+        """Start it and wait until its Serve REST API answers. Raises ProviderError."""
+
+    async def liveness(self, info: ClusterInfo) -> Liveness: ...
+
+    async def delete(self, info: ClusterInfo) -> None:
+        """Stop it and free everything it used. Idempotent."""
+
+    async def orphans(self, known: Sequence[ClusterInfo]) -> list[str]:
+        """Clusters of ours running that no record knows of; removes them, returns their ids."""

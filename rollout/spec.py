@@ -1,0 +1,238 @@
+"""The service spec a user pushes: a cluster spec, a Ray Serve config, upgrade settings.
+
+The Serve section is validated by Ray's own `ServeDeploySchema`. Ray's models accept unknown
+keys silently, so `_unknown_keys` walks the same models and rejects any key they do not
+declare: a typo such as `num_replica` must never fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"
+# Sections of a Serve config whose contents are free-form for Ray itself.
+_FREE_FORM = frozenset({"runtime_env", "args", "user_config", "autoscaling_policy"})
+
+
+class SpecError(ValueError):
+    """An invalid spec: one (field path, message) pair per problem."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
+
+    def as_json(self) -> list[dict[str, str]]:
+        return [{"field": path, "message": msg} for path, msg in self.problems]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ClusterSpec(_Strict):
+    """Anything here changes the Ray cluster itself, so a change means a new cluster."""
+
+    num_cpus: int = Field(2, ge=1, le=256)
+    object_store_memory_mb: int = Field(200, ge=75)
+    env: dict[str, str] = Field(default_factory=dict)
+    code_dir: str | None = None
+    python: str | None = None
+
+
+class Probe(_Strict):
+    """A smoke request sent straight to a pending cluster's Serve proxy."""
+
+    path: str = Field(pattern=r"^/")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    json_body: Any = Field(None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+    expect_status: int = Field(200, ge=100, le=599)
+    expect_body_contains: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class HealthSpec(_Strict):
+    timeout_s: float = Field(300.0, gt=0)
+    consecutive_successes: int = Field(3, ge=1, le=100)
+    probes: tuple[Probe, ...] = ()
+
+
+class UpgradeSpec(_Strict):
+    health: HealthSpec = Field(default_factory=HealthSpec)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    deletion_delay_s: float = Field(0.0, ge=0)
+
+
+class ServiceSpec(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    serve: dict[str, Any]
+    upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec)
+
+    def app_routes(self) -> dict[str, str]:
+        """app name -> route prefix, for apps reachable over HTTP."""
+        out: dict[str, str] = {}
+        for app in self.serve.get("applications", []):
+            prefix = app.get("route_prefix", "/")
+            if prefix is not None:
+                out[app["name"]] = prefix
+        return out
+
+    def cluster_hash(self) -> str:
+        return _digest(self.cluster.model_dump(mode="json"))
+
+    def serve_hash(self) -> str:
+        return _digest(self.serve)
+
+    def spec_hash(self) -> str:
+        return _digest(self.model_dump(mode="json", by_alias=True))
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=False)
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """How `cluster.code_dir` is resolved: CLI pushes are relative to the spec file."""
+
+    base_dir: Path | None = None  # None: paths must already be absolute (admin API)
+
+
+def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
+    """Validate a raw spec (parsed YAML/JSON). Raises SpecError naming every bad field."""
+    if not isinstance(raw, dict):
+        raise SpecError([("", "a spec must be a mapping with name, cluster, serve, upgrade")])
+    try:
+        spec = ServiceSpec.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise SpecError(_pydantic_problems(exc)) from None
+
+    problems: list[tuple[str, str]] = []
+    serve = _validate_serve(spec.serve, problems)
+    cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
+    if problems:
+        raise SpecError(problems)
+    return spec.model_copy(update={"serve": serve, "cluster": cluster})
+
+
+def _pydantic_problems(exc: pydantic.ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append((path, msg))
+    return problems
+
+
+def _validate_serve(serve: dict[str, Any], problems: list[tuple[str, str]]) -> dict[str, Any]:
+    from ray.serve.schema import ServeDeploySchema  # heavy import, done on first use
+
+    before = len(problems)
+    problems.extend(_unknown_keys(ServeDeploySchema, serve, "serve"))
+    http = serve.get("http_options")
+    if isinstance(http, dict):
+        for key in ("host", "port"):
+            if key in http:
+                problems.append(
+                    (f"serve.http_options.{key}", "set by raygate: each cluster gets its own")
+                )
+    apps = serve.get("applications")
+    if not apps:
+        problems.append(("serve.applications", "at least one application is required"))
+    if len(problems) > before:
+        return serve
+    try:
+        schema = ServeDeploySchema.model_validate(serve)
+    except pydantic.ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, "serve"))
+        return serve
+    dumped: dict[str, Any] = schema.model_dump(mode="json", exclude_unset=True)
+    return dumped
+
+
+def _unknown_keys(model: type[BaseModel], value: Any, path: str) -> list[tuple[str, str]]:
+    """Keys in `value` that `model` (recursively) does not declare."""
+    if not isinstance(value, dict):
+        return []
+    fields = model.model_fields
+    known = {name for name in fields} | {f.alias for f in fields.values() if f.alias}
+    problems = [(f"{path}.{k}", "unknown field") for k in value if k not in known]
+    for name, info in fields.items():
+        key = info.alias if info.alias and info.alias in value else name
+        if key not in value or name in _FREE_FORM:
+            continue
+        sub = value[key]
+        for inner in _models_in(info.annotation):
+            if isinstance(sub, list):
+                for i, item in enumerate(sub):
+                    problems.extend(_unknown_keys(inner, item, f"{path}.{key}[{i}]"))
+            elif isinstance(sub, dict) and not _is_mapping_of_models(info.annotation):
+                problems.extend(_unknown_keys(inner, sub, f"{path}.{key}"))
+            break
+    return problems
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, tuple, typing.Annotated):
+        found: list[type[BaseModel]] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_models_in(arg))
+        return found
+    return []
+
+
+def _is_mapping_of_models(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict
+
+
+def _resolve_cluster(
+    cluster: ClusterSpec, paths: PathPolicy, problems: list[tuple[str, str]]
+) -> ClusterSpec:
+    updates: dict[str, str] = {}
+    if cluster.code_dir is not None:
+        code_dir = Path(cluster.code_dir)
+        if not code_dir.is_absolute():
+            if paths.base_dir is None:
+                problems.append(
+                    ("cluster.code_dir", "must be an absolute path when pushed through the API")
+                )
+                return cluster
+            code_dir = (paths.base_dir / code_dir).resolve()
+        if not code_dir.is_dir():
+            problems.append(("cluster.code_dir", f"{code_dir} is not a directory"))
+        updates["code_dir"] = str(code_dir)
+    if cluster.python is not None:
+        python = Path(cluster.python)
+        if not python.is_absolute() or not os.access(python, os.X_OK):
+            problems.append(("cluster.python", f"{python} is not an absolute path to a program"))
+    return cluster.model_copy(update=updates) if updates else cluster
+
+
+def load_spec_file(path: Path) -> ServiceSpec:
+    """Read a YAML or JSON spec file; relative paths in it are relative to the file."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"{path} is not valid YAML: {exc}")]) from None
+    return parse_spec(raw, PathPolicy(base_dir=path.parent.resolve()))

@@ -1,0 +1,289 @@
+"""Durable state in SQLite: services, revisions, clusters (with ports and PIDs), events.
+
+The controller commits a whole decision (new service state, cluster records to create or
+delete, finished rollouts, events) in one transaction *before* it acts, so a raygate killed
+at any point restarts from a state that names every cluster it may have started.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+from rollout.plan import (
+    Active,
+    Kind,
+    Pending,
+    Result,
+    Retiring,
+    Revision,
+    RolloutRecord,
+    ServiceState,
+    Step,
+)
+from rollout.providers.base import ClusterInfo
+from rollout.spec import ServiceSpec
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    service TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    pushed_at REAL NOT NULL,
+    result TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    finished_at REAL,
+    PRIMARY KEY (service, number)
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    info TEXT NOT NULL,
+    state TEXT NOT NULL   -- creating | running | deleting
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    service TEXT NOT NULL,
+    at REAL NOT NULL,
+    text TEXT NOT NULL
+);
+"""
+
+
+class ClusterState(StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    DELETING = "deleting"
+
+
+def _to_json(state: ServiceState) -> str:
+    def enc(value: Any) -> Any:
+        return value.value if isinstance(value, Enum) else value
+
+    raw = asdict(state)
+    if raw["pending"]:
+        raw["pending"] = {k: enc(v) for k, v in raw["pending"].items()}
+    if raw["last_rollout"]:
+        raw["last_rollout"] = {k: enc(v) for k, v in raw["last_rollout"].items()}
+    return json.dumps(raw, sort_keys=True)
+
+
+def _from_json(text: str) -> ServiceState:
+    raw = json.loads(text)
+    p = raw["pending"]
+    lr = raw["last_rollout"]
+    return ServiceState(
+        name=raw["name"],
+        active=Active(**raw["active"]) if raw["active"] else None,
+        pending=Pending(**{**p, "kind": Kind(p["kind"]), "step": Step(p["step"])}) if p else None,
+        retiring=tuple(Retiring(**r) for r in raw["retiring"]),
+        last_rollout=RolloutRecord(lr["revision"], Result(lr["result"]), lr["message"])
+        if lr
+        else None,
+        deleting=raw["deleting"],
+    )
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed process
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ---- services and revisions ------------------------------------------------------
+    def push(self, spec: ServiceSpec, now: float) -> tuple[int, bool]:
+        """Record a pushed spec. Returns (revision, unchanged): an identical push is a no-op."""
+        digest = spec.spec_hash()
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT number, spec_hash FROM revisions WHERE service=? ORDER BY number DESC",
+                (spec.name,),
+            ).fetchone()
+            service = db.execute("SELECT state FROM services WHERE name=?", (spec.name,)).fetchone()
+            deleting = service is not None and _from_json(service[0]).deleting
+            if row is not None and row[1] == digest and service is not None and not deleting:
+                return int(row[0]), True
+            number = (int(row[0]) if row else 0) + 1
+            db.execute(
+                "INSERT INTO revisions VALUES (?,?,?,?,?,?,?,NULL)",
+                (spec.name, number, json.dumps(spec.to_json()), digest, now, "pending", ""),
+            )
+            if service is None:
+                db.execute(
+                    "INSERT INTO services VALUES (?,?,?)",
+                    (spec.name, _to_json(ServiceState(spec.name)), now),
+                )
+            elif deleting:
+                state = _from_json(service[0])
+                db.execute(
+                    "UPDATE services SET state=? WHERE name=?",
+                    (_to_json(ServiceState(spec.name, retiring=state.retiring)), spec.name),
+                )
+            return number, False
+
+    def service_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM services ORDER BY name")]
+
+    def load(self, name: str) -> ServiceState | None:
+        row = self._db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
+        return _from_json(row[0]) if row else None
+
+    def revision(self, name: str, number: int) -> Revision:
+        row = self._db.execute(
+            "SELECT spec FROM revisions WHERE service=? AND number=?", (name, number)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"{name} has no revision {number}")
+        return Revision.of(number, ServiceSpec.model_validate(json.loads(row[0])))
+
+    def latest(self, name: str) -> Revision:
+        row = self._db.execute(
+            "SELECT MAX(number) FROM revisions WHERE service=?", (name,)
+        ).fetchone()
+        return self.revision(name, int(row[0]))
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT number, spec_hash, pushed_at, result, message, finished_at FROM revisions "
+            "WHERE service=? ORDER BY number",
+            (name,),
+        )
+        keys = ("revision", "spec_hash", "pushed_at", "result", "message", "finished_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def latest_specs(self) -> dict[str, ServiceSpec]:
+        """The newest spec of every service that is not being deleted."""
+        out = {}
+        for name in self.service_names():
+            state = self.load(name)
+            if state is not None and not state.deleting:
+                out[name] = self.latest(name).spec
+        return out
+
+    def mark_deleting(self, name: str) -> bool:
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return False
+            state = _from_json(row[0])
+            db.execute(
+                "UPDATE services SET state=? WHERE name=?",
+                (
+                    _to_json(
+                        ServiceState(
+                            name,
+                            state.active,
+                            state.pending,
+                            state.retiring,
+                            state.last_rollout,
+                            deleting=True,
+                        )
+                    ),
+                    name,
+                ),
+            )
+            return True
+
+    # ---- one decision, one transaction -----------------------------------------------
+    def commit(
+        self,
+        state: ServiceState,
+        finished: Iterable[RolloutRecord],
+        events: Iterable[str],
+        now: float,
+        new_clusters: Iterable[ClusterInfo] = (),
+        deleting: Iterable[str] = (),
+        gone: bool = False,
+    ) -> None:
+        with self.transaction() as db:
+            if gone:
+                db.execute("DELETE FROM services WHERE name=?", (state.name,))
+                db.execute("DELETE FROM revisions WHERE service=?", (state.name,))
+            else:
+                db.execute(
+                    "UPDATE services SET state=? WHERE name=?", (_to_json(state), state.name)
+                )
+            for record in finished:
+                db.execute(
+                    "UPDATE revisions SET result=?, message=?, finished_at=? "
+                    "WHERE service=? AND number=?",
+                    (record.result.value, record.message, now, state.name, record.revision),
+                )
+            for text in events:
+                db.execute(
+                    "INSERT INTO events (service, at, text) VALUES (?,?,?)", (state.name, now, text)
+                )
+            for info in new_clusters:
+                db.execute(
+                    "INSERT INTO clusters VALUES (?,?,?,?)",
+                    (info.id, info.service, info.to_json(), ClusterState.CREATING.value),
+                )
+            for cid in deleting:
+                db.execute(
+                    "UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid)
+                )
+
+    def mark_rollout_started(self, name: str, revision: int) -> None:
+        self._db.execute(
+            "UPDATE revisions SET result=? WHERE service=? AND number=? AND result='pending'",
+            (Result.IN_PROGRESS.value, name, revision),
+        )
+
+    # ---- clusters --------------------------------------------------------------------
+    def clusters(self) -> list[tuple[ClusterInfo, ClusterState]]:
+        rows = self._db.execute("SELECT info, state FROM clusters ORDER BY id")
+        return [(ClusterInfo.from_json(i), ClusterState(s)) for i, s in rows]
+
+    def cluster(self, cid: str) -> tuple[ClusterInfo, ClusterState] | None:
+        row = self._db.execute("SELECT info, state FROM clusters WHERE id=?", (cid,)).fetchone()
+        return (ClusterInfo.from_json(row[0]), ClusterState(row[1])) if row else None
+
+    def update_cluster(self, info: ClusterInfo, state: ClusterState) -> None:
+        self._db.execute(
+            "UPDATE clusters SET info=?, state=? WHERE id=?", (info.to_json(), state.value, info.id)
+        )
+
+    def drop_cluster(self, cid: str) -> None:
+        self._db.execute("DELETE FROM clusters WHERE id=?", (cid,))
+
+    # ---- events ----------------------------------------------------------------------
+    def add_event(self, name: str, text: str, at: float) -> None:
+        self._db.execute("INSERT INTO events (service, at, text) VALUES (?,?,?)", (name, at, text))
+
+    def events(self, name: str, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT at, text FROM events WHERE service=? ORDER BY id DESC LIMIT ?", (name, limit)
+        ).fetchall()
+        return [{"at": at, "text": text} for at, text in reversed(rows)]
+
+
+def now() -> float:
+    return time.time()
