@@ -419,8 +419,10 @@ def _advance(
         b.set(pending=replace(p, step=Step.HEALTH, ok_streak=0))
         b.act(DeployServe(p.cluster, p.revision))
         return
-    # Step.HEALTH
-    if obs.health is Health.NOT_DEPLOYED:
+    # Step.HEALTH: only a cluster that is UP can pass a gate.
+    if obs.liveness is not Liveness.UP:
+        b.set(pending=replace(p, ok_streak=0, message=f"cluster is {obs.liveness.value}"))
+    elif obs.health is Health.NOT_DEPLOYED:
         b.act(DeployServe(p.cluster, p.revision))
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
     elif obs.health is Health.FAILED:

@@ -1,0 +1,388 @@
+"""The planner, on its own: scenarios for each path, then property tests over random
+sequences of pushes and observations that check the invariants after every tick."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rollout.plan import (
+    MAX_CLUSTERS,
+    ClusterObservation,
+    CreateCluster,
+    DeleteCluster,
+    DeployServe,
+    Health,
+    Kind,
+    Liveness,
+    Observation,
+    Phase,
+    Result,
+    Revision,
+    ServiceState,
+    Step,
+    plan,
+)
+from rollout.spec import ServiceSpec
+
+
+def make_spec(
+    cpus: int = 2, label: str = "a", streak: int = 2, timeout: float = 100.0, delay: float = 0.0
+) -> ServiceSpec:
+    return ServiceSpec.model_validate(
+        {
+            "name": "svc",
+            "cluster": {"num_cpus": cpus},
+            "serve": {
+                "applications": [
+                    {
+                        "name": "app",
+                        "route_prefix": "/app",
+                        "import_path": "m:app",
+                        "deployments": [{"name": "D", "user_config": {"label": label}}],
+                    }
+                ]
+            },
+            "upgrade": {
+                "health": {"timeout_s": timeout, "consecutive_successes": streak},
+                "drain_timeout_s": 30,
+                "deletion_delay_s": delay,
+            },
+        }
+    )
+
+
+UP_OK = ClusterObservation(Liveness.UP, Health.OK)
+UP_PENDING = ClusterObservation(Liveness.UP, Health.PENDING, "deploying")
+
+
+class World:
+    """Drives the planner tick by tick, with the observations a test chooses."""
+
+    def __init__(self) -> None:
+        self.state = ServiceState("svc")
+        self.revisions: dict[int, Revision] = {}
+        self.now = 1000.0
+        self.ids = 0
+        self.log: list[Any] = []
+
+    def push(self, spec: ServiceSpec) -> int:
+        number = len(self.revisions) + 1
+        self.revisions[number] = Revision.of(number, spec)
+        return number
+
+    def tick(self, obs: dict[str, ClusterObservation], dt: float = 1.0) -> Any:
+        self.now += dt
+        self.ids += 1
+        desired = self.revisions[max(self.revisions)]
+        d = plan(self.state, desired, self.revisions, Observation(obs), self.now, f"c{self.ids}")
+        self.state = d.state
+        self.log.append(d)
+        return d
+
+
+def test_first_deploy_creates_then_deploys_then_goes_live_after_streak() -> None:
+    w = World()
+    w.push(make_spec())
+    d = w.tick({})
+    assert d.actions == (CreateCluster("c1", 1),)
+    assert w.state.phase is Phase.DEPLOYING and w.state.traffic() == {"c1": 0}
+    d = w.tick({"c1": ClusterObservation(Liveness.UP)})
+    assert d.actions == (DeployServe("c1", 1),)
+    w.tick({"c1": UP_OK})
+    assert w.state.active is None, "one OK is not enough with consecutive_successes=2"
+    w.tick({"c1": UP_PENDING})
+    assert w.state.pending is not None and w.state.pending.ok_streak == 0
+    w.tick({"c1": UP_OK})
+    d = w.tick({"c1": UP_OK})
+    assert w.state.active is not None and w.state.active.cluster == "c1"
+    assert w.state.phase is Phase.LIVE and w.state.traffic() == {"c1": 100}
+    assert d.finished[0].result is Result.SUCCEEDED
+
+
+def go_live(w: World, spec: ServiceSpec) -> str:
+    w.push(spec)
+    w.tick({})
+    cid = w.state.pending.cluster if w.state.pending else ""
+    w.tick({cid: ClusterObservation(Liveness.UP)})
+    for _ in range(spec.upgrade.health.consecutive_successes):
+        w.tick({cid: UP_OK})
+    assert w.state.active is not None and w.state.active.cluster == cid
+    return cid
+
+
+def test_serve_only_change_updates_in_place_and_keeps_cluster() -> None:
+    w = World()
+    c = go_live(w, make_spec(label="a"))
+    w.push(make_spec(label="b"))
+    d = w.tick({c: UP_OK})
+    assert w.state.pending is not None and w.state.pending.kind is Kind.IN_PLACE
+    assert DeployServe(c, 2) in d.actions
+    assert not any(isinstance(a, CreateCluster) for a in d.actions)
+    w.tick({c: UP_OK})
+    w.tick({c: UP_OK})
+    assert w.state.active is not None
+    assert (w.state.active.cluster, w.state.active.revision) == (c, 2)
+
+
+def test_cluster_change_is_blue_green_and_old_cluster_deleted_only_when_drained() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    assert new != old and w.state.traffic() == {old: 100, new: 0}
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, new: UP_OK})
+    w.tick({old: UP_OK, new: UP_OK})
+    assert w.state.traffic() == {old: 0, new: 100}
+    busy = ClusterObservation(Liveness.UP, Health.OK, in_flight=3)
+    d = w.tick({old: busy, new: UP_OK})
+    assert not any(isinstance(a, DeleteCluster) for a in d.actions), "requests still in flight"
+    d = w.tick({old: ClusterObservation(Liveness.UP, Health.OK, in_flight=0), new: UP_OK})
+    assert DeleteCluster(old, "drained") in d.actions
+    assert w.state.clusters() == [new]
+
+
+def test_drain_timeout_deletes_even_with_requests_in_flight() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, new: UP_OK})
+    w.tick({old: UP_OK, new: UP_OK})
+    stuck = ClusterObservation(Liveness.UP, Health.OK, in_flight=1)
+    d = w.tick({old: stuck, new: UP_OK}, dt=29)
+    assert not any(isinstance(a, DeleteCluster) for a in d.actions)
+    d = w.tick({old: stuck, new: UP_OK}, dt=2)
+    assert [a.cluster for a in d.actions if isinstance(a, DeleteCluster)] == [old]
+
+
+def test_deletion_delay_is_respected() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4, delay=60))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, new: UP_OK})
+    w.tick({old: UP_OK, new: UP_OK})
+    d = w.tick({old: UP_OK, new: UP_OK}, dt=30)
+    assert not any(isinstance(a, DeleteCluster) for a in d.actions)
+    d = w.tick({old: UP_OK, new: UP_OK}, dt=31)
+    assert any(isinstance(a, DeleteCluster) for a in d.actions)
+
+
+def test_deploy_failed_aborts_at_once_and_traffic_never_moves() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    failed = ClusterObservation(Liveness.UP, Health.FAILED, "DEPLOY_FAILED: ImportError: nope")
+    d = w.tick({old: UP_OK, new: failed})
+    assert DeleteCluster(new, "rollout aborted") in d.actions
+    assert w.state.traffic() == {old: 100}
+    assert w.state.last_rollout is not None
+    assert w.state.last_rollout.result is Result.ABORTED
+    assert "ImportError: nope" in w.state.last_rollout.message
+    assert w.state.phase is Phase.LIVE
+    # The failed revision is not retried on its own.
+    d = w.tick({old: UP_OK})
+    assert d.actions == () and w.state.pending is None
+
+
+def test_timeout_aborts_with_last_message() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4, timeout=50))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, new: UP_PENDING}, dt=30)
+    w.tick({old: UP_OK, new: UP_PENDING}, dt=30)
+    assert w.state.last_rollout is not None
+    assert w.state.last_rollout.result is Result.ABORTED
+    assert "not healthy within 50s" in w.state.last_rollout.message
+    assert "deploying" in w.state.last_rollout.message
+
+
+def test_in_place_failure_rolls_the_active_config_back() -> None:
+    w = World()
+    c = go_live(w, make_spec(label="a"))
+    w.push(make_spec(label="broken"))
+    w.tick({c: UP_OK})
+    d = w.tick({c: ClusterObservation(Liveness.UP, Health.FAILED, "DEPLOY_FAILED")})
+    assert DeployServe(c, 1) in d.actions
+    assert w.state.active is not None and w.state.active.revision == 1
+
+
+def test_newest_push_wins_and_reuses_pending_cluster_with_same_cluster_spec() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4, label="x"))
+    w.tick({old: UP_OK})
+    pending = w.state.pending.cluster if w.state.pending else ""
+    w.push(make_spec(cpus=4, label="y"))
+    d = w.tick({old: UP_OK, pending: ClusterObservation(Liveness.UP)})
+    assert w.state.pending is not None
+    assert (w.state.pending.cluster, w.state.pending.revision) == (pending, 3)
+    assert DeployServe(pending, 3) in d.actions
+    assert d.finished[0].result is Result.SUPERSEDED
+
+
+def test_newest_push_with_other_cluster_spec_replaces_pending_cluster() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2))
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    first = w.state.pending.cluster if w.state.pending else ""
+    w.push(make_spec(cpus=8))
+    d = w.tick({old: UP_OK, first: ClusterObservation(Liveness.UP)})
+    assert d.actions[0] == DeleteCluster(first, "superseded by revision 3")
+    assert isinstance(d.actions[1], CreateCluster)
+    assert w.state.active is not None and w.state.active.cluster == old
+
+
+def test_revert_to_active_cluster_spec_drops_pending_and_goes_in_place() -> None:
+    w = World()
+    old = go_live(w, make_spec(cpus=2, label="a"))
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    first = w.state.pending.cluster if w.state.pending else ""
+    w.push(make_spec(cpus=2, label="b"))
+    d = w.tick({old: UP_OK, first: ClusterObservation(Liveness.UP)})
+    assert DeleteCluster(first, "superseded by revision 3") in d.actions
+    assert w.state.pending is not None and w.state.pending.kind is Kind.IN_PLACE
+
+
+def test_dead_active_cluster_is_replaced_with_its_revision() -> None:
+    w = World()
+    old = go_live(w, make_spec())
+    d = w.tick({old: ClusterObservation(Liveness.DEAD)})
+    assert DeleteCluster(old, "dead") in d.actions
+    assert any(isinstance(a, CreateCluster) and a.revision == 1 for a in d.actions)
+    assert w.state.phase is Phase.DEPLOYING
+
+
+def test_interrupted_cluster_start_is_retried_with_a_fresh_cluster() -> None:
+    w = World()
+    w.push(make_spec())
+    w.tick({})
+    first = w.state.pending.cluster if w.state.pending else ""
+    d = w.tick({first: ClusterObservation(Liveness.DEAD)})
+    assert d.actions[0] == DeleteCluster(first, "start interrupted")
+    assert isinstance(d.actions[1], CreateCluster)
+    assert w.state.pending is not None and w.state.pending.step is Step.CREATE_CLUSTER
+
+
+def test_permanent_start_error_aborts_first_deploy_as_failed() -> None:
+    w = World()
+    w.push(make_spec())
+    w.tick({})
+    c = w.state.pending.cluster if w.state.pending else ""
+    w.tick({c: ClusterObservation(Liveness.DEAD, error="ray start exited with 1")})
+    assert w.state.phase is Phase.FAILED
+    assert w.state.last_rollout is not None and "exited with 1" in w.state.last_rollout.message
+
+
+def test_delete_service_drains_then_is_gone() -> None:
+    w = World()
+    c = go_live(w, make_spec())
+    w.state = ServiceState(
+        w.state.name, w.state.active, w.state.pending, w.state.retiring, w.state.last_rollout, True
+    )
+    d = w.tick({c: ClusterObservation(Liveness.UP, Health.OK, in_flight=2)})
+    assert w.state.traffic() == {c: 0} and not d.gone
+    d = w.tick({c: ClusterObservation(Liveness.UP, Health.OK, in_flight=2)})
+    assert not any(isinstance(a, DeleteCluster) for a in d.actions)
+    d = w.tick({c: ClusterObservation(Liveness.UP, Health.OK)})
+    assert DeleteCluster(c, "drained") in d.actions
+    d = w.tick({})
+    assert d.gone
+
+
+# ---- properties over random histories --------------------------------------------------
+SPECS = [make_spec(cpus=c, label=lb) for c in (1, 2) for lb in ("a", "b")]
+
+observation = st.builds(
+    ClusterObservation,
+    # Biased towards healthy clusters, so histories often get as far as a switch and a drain.
+    liveness=st.sampled_from([Liveness.UP] * 12 + [Liveness.STARTING, Liveness.DEAD]),
+    health=st.sampled_from([Health.OK] * 10 + [Health.PENDING, Health.FAILED, Health.NOT_DEPLOYED]),
+    message=st.just("m"),
+    in_flight=st.integers(0, 2),
+)
+
+
+@dataclass
+class Checker:
+    """Tracks what the world saw, to check each decision against it."""
+
+    ok_run: dict[str, int] = field(default_factory=dict)
+    alive: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_invariants_hold_over_random_histories(data: st.DataObject) -> None:
+    w = World()
+    w.push(SPECS[0])
+    chk = Checker()
+    for _ in range(data.draw(st.integers(5, 40), label="ticks")):
+        if data.draw(st.integers(0, 3), label="push?") == 0:
+            w.push(data.draw(st.sampled_from(SPECS), label="spec"))
+        before = w.state
+        obs = {c: data.draw(observation, label=c) for c in before.clusters()}
+        # The gateway can only have requests in flight to a cluster that once had traffic.
+        chk.held.update(c for c, w in before.traffic().items() if w > 0)
+        obs = {c: o if c in chk.held else replace(o, in_flight=0) for c, o in obs.items()}
+        for c, o in obs.items():
+            healthy = o.liveness is Liveness.UP and o.health is Health.OK
+            chk.ok_run[c] = chk.ok_run.get(c, 0) + 1 if healthy else 0
+        dt = data.draw(st.floats(0.1, 20), label="dt")
+        d = w.tick(obs, dt)
+        after = d.state
+        need = max(r.spec.upgrade.health.consecutive_successes for r in w.revisions.values())
+        # Traffic only goes to a cluster that passed its gates N times in a row.
+        if after.active is not None and (
+            before.active is None
+            or (after.active.cluster, after.active.revision)
+            != (before.active.cluster, before.active.revision)
+        ):
+            assert chk.ok_run.get(after.active.cluster, 0) >= min(need, 2)
+        for a in d.actions:
+            if isinstance(a, DeleteCluster):
+                o = obs.get(a.cluster, ClusterObservation(Liveness.DEAD))
+                # Never delete the cluster holding traffic, unless it is dead.
+                if before.traffic().get(a.cluster, 0) > 0:
+                    assert o.liveness is Liveness.DEAD
+                assert after.active is None or after.active.cluster != a.cluster
+                # Never delete with requests in flight unless the drain timed out.
+                if o.in_flight > 0 and o.liveness is not Liveness.DEAD:
+                    r = next(r for r in before.retiring if r.cluster == a.cluster)
+                    assert w.now - r.since >= r.drain_timeout_s
+                chk.alive.discard(a.cluster)
+                chk.ok_run.pop(a.cluster, None)
+            elif isinstance(a, CreateCluster):
+                chk.alive.add(a.cluster)
+                assert len(chk.alive) <= MAX_CLUSTERS, "more than two clusters"
+            elif isinstance(a, DeployServe):
+                chk.ok_run[a.cluster] = 0
+                # The active cluster only ever gets its own revision or an in-place rollout's.
+                if before.active is not None and a.cluster == before.active.cluster:
+                    in_place = (
+                        after.pending is not None
+                        and after.pending.kind is Kind.IN_PLACE
+                        and after.pending.revision == a.revision
+                    )
+                    assert a.revision == before.active.revision or in_place
+        assert len(after.clusters()) <= MAX_CLUSTERS
+        assert sum(after.traffic().values()) in (0, 100)
