@@ -281,13 +281,10 @@ class PythonGateway:
                 started = True
                 await self._stream_back(receive, send, resp, body)
             return None
-        except _BodyTooLarge:
-            if started:
-                raise
-            raise _Rejected(
-                413, f"request body over {self.settings.max_body_bytes} bytes"
-            ) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, _BodyTooLarge) as exc:
+            if isinstance(body, _StreamedBody) and body.too_large and not started:
+                limit = self.settings.max_body_bytes
+                raise _Rejected(413, f"request body over {limit} bytes") from None
             if started:
                 # Bytes already went to the client: nothing to retry, just cut the stream.
                 log.info("upstream %s failed mid-response: %r", backend.cluster, exc)
@@ -323,6 +320,7 @@ class _StreamedBody:
         self._limit = limit
         self.consumed = False
         self.finished = False
+        self.too_large = False  # aiohttp wraps what the iterator raises; remember it here
 
     async def iterate(self) -> AsyncIterator[bytes]:
         size = 0
@@ -335,6 +333,7 @@ class _StreamedBody:
             more = bool(message.get("more_body", False))
             size += len(chunk)
             if size > self._limit:
+                self.too_large = True
                 raise _BodyTooLarge()
             if chunk:
                 self.consumed = True

@@ -1,0 +1,179 @@
+"""The admin API over a real SQLite store: auth, validation that changes nothing, conflicts,
+no-op pushes, status shape, history, delete."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from rollout.api import create_admin_app
+from rollout.plan import Active, RolloutRecord, Result, ServiceState
+from rollout.store import Store
+
+TOKEN = "test-token"
+EXAMPLE = Path(__file__).resolve().parent.parent / "serve_configs" / "digits" / "v1.yaml"
+
+
+def spec(name: str = "digits", prefix: str = "/digits", label: str = "a") -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    raw["name"] = name
+    raw["cluster"]["code_dir"] = str(EXAMPLE.parent.parent / "apps")
+    raw["serve"]["applications"][0]["route_prefix"] = prefix
+    raw["serve"]["applications"][0]["deployments"][0]["user_config"] = {"label": label}
+    return raw
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "raygate.db")
+
+
+@pytest.fixture
+async def client(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    woken: list[str] = []
+    app = create_admin_app(store, TOKEN, woken.append, lambda: {"c1": 2})
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://admin",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
+        c.woken = woken  # type: ignore[attr-defined]
+        yield c
+
+
+async def test_every_route_but_healthz_needs_the_token(client: httpx.AsyncClient) -> None:
+    bare = {"Authorization": ""}
+    assert (await client.get("/-/healthz", headers=bare)).status_code == 200
+    assert (await client.get("/v1/services", headers=bare)).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await client.put("/v1/services/digits", json=spec(), headers=wrong)).status_code == 401
+
+
+async def test_push_json_then_identical_push_is_a_noop(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    r = await client.put("/v1/services/digits", json=spec())
+    assert r.status_code == 202
+    assert r.json() == {"name": "digits", "revision": 1, "phase": "deploying", "unchanged": False}
+    assert client.woken == ["digits"]  # type: ignore[attr-defined]
+    r = await client.put("/v1/services/digits", json=spec())
+    assert r.status_code == 200 and r.json()["unchanged"] is True
+    assert len(store.history("digits")) == 1
+
+
+async def test_push_yaml_body(client: httpx.AsyncClient) -> None:
+    body = yaml.safe_dump(spec())
+    r = await client.put(
+        "/v1/services/digits", content=body, headers={"Content-Type": "application/yaml"}
+    )
+    assert r.status_code == 202, r.text
+
+
+async def test_invalid_spec_is_422_with_field_paths_and_changes_nothing(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await client.put("/v1/services/digits", json=spec())
+    bad = spec(label="b")
+    bad["serve"]["applications"][0]["deployments"][0]["num_replica"] = 3
+    bad["cluster"]["num_cpu"] = 2
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422
+    fields = {e["field"] for e in r.json()["errors"]}
+    assert fields == {"cluster.num_cpu"}
+    del bad["cluster"]["num_cpu"]
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["errors"]] == [
+        "serve.applications[0].deployments[0].num_replica"
+    ]
+    assert [h["revision"] for h in store.history("digits")] == [1]
+    r = await client.put("/v1/services/digits", content=b"{not: [valid")
+    assert r.status_code == 422
+
+
+async def test_name_mismatch_and_relative_code_dir(client: httpx.AsyncClient) -> None:
+    r = await client.put("/v1/services/other", json=spec())
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "name"
+    rel = spec()
+    rel["cluster"]["code_dir"] = "../apps"
+    r = await client.put("/v1/services/digits", json=rel)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cluster.code_dir"
+
+
+async def test_route_prefix_owned_by_another_service_is_409(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    assert (await client.put("/v1/services/digits", json=spec())).status_code == 202
+    r = await client.put("/v1/services/copy", json=spec(name="copy"))
+    assert r.status_code == 409 and "owned by service 'digits'" in r.json()["errors"][0]
+    assert store.service_names() == ["digits"]
+    ok = await client.put("/v1/services/copy", json=spec(name="copy", prefix="/copy"))
+    assert ok.status_code == 202
+
+
+async def test_status_shape(client: httpx.AsyncClient, store: Store) -> None:
+    await client.put("/v1/services/digits", json=spec())
+    s = store.load("digits")
+    assert s is not None
+    store.commit(
+        ServiceState(
+            "digits", Active("c1", 1, "h"), last_rollout=RolloutRecord(1, Result.SUCCEEDED, "live")
+        ),
+        [RolloutRecord(1, Result.SUCCEEDED, "live")],
+        ["went live"],
+        1.0,
+    )
+    body = (await client.get("/v1/services/digits")).json()
+    assert body["phase"] == "live"
+    assert body["active"] == {"revision": 1, "cluster": "c1", "serve_url": None}
+    assert body["pending"] is None
+    assert body["last_rollout"] == {"revision": 1, "result": "succeeded", "message": "live"}
+    assert body["traffic"] == {"c1": 100} and body["in_flight"] == {"c1": 2}
+    assert body["events"][-1]["text"] == "went live"
+    history = (await client.get("/v1/services/digits/history")).json()
+    assert history[0]["result"] == "succeeded" and len(history[0]["spec_hash"]) == 16
+    listed = (await client.get("/v1/services")).json()
+    assert [s["name"] for s in listed] == ["digits"]
+    assert (await client.get("/v1/services/nope")).status_code == 404
+
+
+async def test_delete_marks_the_service_and_a_push_revives_it(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    assert (await client.delete("/v1/services/nope")).status_code == 404
+    await client.put("/v1/services/digits", json=spec())
+    r = await client.delete("/v1/services/digits")
+    assert r.status_code == 202 and r.json()["phase"] == "deleting"
+    state = store.load("digits")
+    assert state is not None and state.deleting
+    r = await client.put("/v1/services/digits", json=spec())
+    assert r.status_code == 202 and r.json()["revision"] == 2
+    state = store.load("digits")
+    assert state is not None and not state.deleting
+
+
+def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
+    from rollout.plan import Kind, Pending, Retiring, Step
+
+    first = Store(tmp_path / "db")
+    from rollout.spec import parse_spec
+
+    first.push(parse_spec(json.loads(json.dumps(spec()))), 1.0)
+    state = ServiceState(
+        "digits",
+        Active("a", 1, "h1"),
+        Pending(2, Kind.NEW_CLUSTER, "b", "h2", Step.HEALTH, 5.0, 1, "msg"),
+        (Retiring("old", 3.0, 30.0, 0.0),),
+        RolloutRecord(1, Result.SUCCEEDED, "ok"),
+    )
+    first.commit(state, [], [], 6.0)
+    first.close()
+    again = Store(tmp_path / "db")
+    assert again.load("digits") == state

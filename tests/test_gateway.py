@@ -1,0 +1,292 @@
+"""The Python gateway engine against real servers on loopback: an aiohttp upstream, the
+gateway under uvicorn. Streaming, retries, timeouts, limits, headers, in-flight counts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import uvicorn
+from aiohttp import web
+
+from gateway.python_engine import GatewaySettings, PythonGateway
+from gateway.routes import Backend, Route, RouteTable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Upstream:
+    url: str
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_done: bool = False
+    stream_aborted: bool = False
+    seen_headers: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    port = free_port()
+    up = Upstream(f"http://127.0.0.1:{port}")
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        up.seen_headers = dict(request.headers)
+        return web.json_response(
+            {"method": request.method, "path": request.path_qs, "size": len(body),
+             "from": "a"},
+            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5"},
+        )  # fmt: skip
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b"data: first\n\n")
+            await asyncio.wait_for(up.release.wait(), 10)
+            await resp.write(b"data: second\n\n")
+            await resp.write_eof()
+            up.stream_done = True
+        except (ConnectionResetError, asyncio.CancelledError, TimeoutError):
+            up.stream_aborted = True
+            raise
+        return resp
+
+    async def forever(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            for _ in range(2000):  # bounded: 2000 x 10 ms
+                await resp.write(b"x" * 100)
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            up.stream_aborted = True
+            raise
+        return resp
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_route("*", "/svc/stream", stream)
+    app.router.add_route("*", "/svc/forever", forever)
+    app.router.add_route("*", "/svc/slow", slow)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield up
+    up.release.set()
+    await runner.cleanup()
+
+
+@dataclass
+class Gate:
+    engine: PythonGateway
+    url: str
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+async def gate() -> AsyncIterator[Gate]:
+    engine = PythonGateway(GatewaySettings(max_body_bytes=1_000_000))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(engine, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+        yield Gate(engine, url, client)
+    server.should_exit = True
+    await task
+
+
+def table(*backends: Backend, prefix: str = "/svc", timeout: float = 60.0) -> RouteTable:
+    return RouteTable((Route(prefix, "svc", "app", tuple(backends), timeout),))
+
+
+async def test_route_table_longest_prefix_and_boundaries() -> None:
+    b = Backend("c", "http://x", 1)
+    t = RouteTable((Route("/", "s", "root", (b,)), Route("/a", "s", "a", (b,)),
+                    Route("/a/b/", "s", "ab", (b,))))  # fmt: skip
+    assert [t.match(p).app for p in ("/a", "/a/", "/a/b", "/a/b/c", "/ab", "/")] == [  # type: ignore[union-attr]
+        "a", "a", "ab", "ab", "root", "root",
+    ]  # fmt: skip
+    assert RouteTable((Route("/a", "s", "a", (b,)),)).match("/b") is None
+    with pytest.raises(ValueError, match="twice"):
+        RouteTable((Route("/a", "s", "a", (b,)), Route("/a/", "s", "b", (b,))))
+
+
+async def test_weighted_pick_respects_zero_and_exclude() -> None:
+    import random
+
+    r = Route("/a", "s", "a", (Backend("x", "u", 0), Backend("y", "u", 3), Backend("z", "u", 1)))
+    rng = random.Random(7)
+    picks = [r.pick(rng=rng).cluster for _ in range(4000)]  # type: ignore[union-attr]
+    assert "x" not in picks
+    assert 0.70 < picks.count("y") / len(picks) < 0.80
+    assert r.pick(exclude=["y", "z"]) is None
+
+
+async def test_unknown_prefix_is_404_json_with_request_id(gate: Gate) -> None:
+    r = await gate.client.get("/nowhere", headers={"x-request-id": "abc"})
+    assert r.status_code == 404
+    assert r.json() == {"error": "no route for path '/nowhere'", "request_id": "abc"}
+    assert r.headers["x-request-id"] == "abc"
+
+
+async def test_no_cluster_is_503_with_retry_after(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 0)))
+    r = await gate.client.get("/svc/x")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "no cluster" in r.json()["error"]
+
+
+async def test_proxies_method_query_body_and_headers(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    r = await gate.client.post(
+        "/svc/predict?x=1&y=2",
+        content=b"z" * 5000,
+        headers={"Connection": "X-Secret", "X-Secret": "hop", "TE": "trailers", "X-Keep": "1"},
+    )
+    assert r.status_code == 200
+    assert r.json() == {"method": "POST", "path": "/svc/predict?x=1&y=2", "size": 5000,
+                        "from": "a"}  # fmt: skip
+    seen = {k.lower(): v for k, v in upstream.seen_headers.items()}
+    assert "x-secret" not in seen and "te" not in seen
+    assert seen["x-keep"] == "1"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"].startswith("127.0.0.1:")
+    assert len(seen["x-request-id"]) == 32
+    assert r.headers["x-request-id"] == seen["x-request-id"]
+    assert r.headers["x-upstream"] == "yes" and "keep-alive" not in r.headers
+
+
+async def test_large_chunked_request_body_streams_through(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(50):
+            yield b"y" * 10_000
+
+    r = await gate.client.put("/svc/upload", content=body())
+    assert r.json()["size"] == 500_000
+
+
+async def test_body_limits_are_413(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    r = await gate.client.post("/svc/x", content=b"a" * 1_000_001)
+    assert r.status_code == 413 and "request_id" in r.json()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b"b" * 50_000
+
+    r = await gate.client.post("/svc/x", content=body())
+    assert r.status_code == 413
+
+
+async def test_first_chunk_arrives_before_upstream_finishes(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    async with gate.client.stream("GET", "/svc/stream") as r:
+        chunks = r.aiter_raw()
+        first = await asyncio.wait_for(chunks.__anext__(), 5)
+        assert first == b"data: first\n\n"
+        assert not upstream.stream_done, "the upstream is still holding the rest"
+        assert gate.engine.in_flight() == {"c1": 1}
+        upstream.release.set()
+        rest = b"".join([c async for c in chunks])
+    assert rest == b"data: second\n\n"
+    await until(lambda: gate.engine.in_flight() == {})
+
+
+async def test_connect_failure_is_retried_on_another_cluster(
+    gate: Gate, upstream: Upstream
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    await gate.engine.apply(table(Backend("dead", dead, 1), Backend("c1", upstream.url, 1)))
+    codes = [(await gate.client.post("/svc/x", content=b"{}")).status_code for _ in range(40)]
+    assert codes == [200] * 40
+    await gate.engine.apply(table(Backend("dead", dead, 1)))
+    r = await gate.client.get("/svc/x")
+    assert r.status_code == 502 and "refused" in r.json()["error"]
+    assert gate.engine.in_flight() == {}
+
+
+async def test_slow_upstream_is_504(gate: Gate, upstream: Upstream) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1), timeout=0.5))
+    started = time.monotonic()
+    r = await gate.client.get("/svc/slow")
+    assert r.status_code == 504 and "did not answer in time" in r.json()["error"]
+    assert time.monotonic() - started < 2.5
+
+
+async def test_client_disconnect_cancels_upstream_and_frees_in_flight(
+    gate: Gate, upstream: Upstream
+) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    async with gate.client.stream("GET", "/svc/forever") as r:
+        chunks = r.aiter_raw()
+        await asyncio.wait_for(chunks.__anext__(), 5)
+        assert gate.engine.in_flight() == {"c1": 1}
+    # Leaving the block closes the connection mid-stream.
+    await until(lambda: gate.engine.in_flight() == {})
+    await until(lambda: upstream.stream_aborted)
+
+
+async def test_switch_is_atomic_and_old_requests_finish(gate: Gate, upstream: Upstream) -> None:
+    """A request that started on the old cluster finishes there after the table switches."""
+    await gate.engine.apply(table(Backend("old", upstream.url, 1)))
+    async with gate.client.stream("GET", "/svc/stream") as r:
+        chunks = r.aiter_raw()  # keep it: a collected iterator closes the response
+        await asyncio.wait_for(chunks.__anext__(), 5)
+        await gate.engine.apply(table(Backend("old", upstream.url, 0),
+                                      Backend("new", upstream.url, 1)))  # fmt: skip
+        r2 = await gate.client.get("/svc/after")
+        assert r2.status_code == 200
+        assert gate.engine.in_flight() == {"old": 1}
+        upstream.release.set()
+        assert b"".join([c async for c in chunks]) == b"data: second\n\n"
+    await until(lambda: gate.engine.in_flight() == {})
+
+
+async def test_ready_and_drain(gate: Gate, upstream: Upstream) -> None:
+    assert (await gate.client.get("/-/healthz")).status_code == 200
+    assert (await gate.client.get("/-/ready")).status_code == 503  # no routes yet
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    assert (await gate.client.get("/-/ready")).status_code == 200
+
+    async def slow_request() -> int:
+        return (await gate.client.get("/svc/stream")).status_code
+
+    pending = asyncio.create_task(slow_request())
+    await until(lambda: gate.engine.in_flight() == {"c1": 1})
+    drained = asyncio.create_task(gate.engine.drain(5))
+    await until(lambda: True)
+    assert (await gate.client.get("/-/ready")).status_code == 503
+    assert not drained.done()
+    upstream.release.set()
+    assert await pending == 200
+    await asyncio.wait_for(drained, 5)
