@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rollout.api import create_admin_app
-from rollout.plan import Active, RolloutRecord, Result, ServiceState
+from rollout.plan import Active, Result, RolloutRecord, ServiceState
 from rollout.store import Store
 
 TOKEN = "test-token"

@@ -4,10 +4,9 @@ gateway under uvicorn. Streaming, retries, timeouts, limits, headers, in-flight 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -25,8 +24,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
