@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.metrics import Metrics
 from gateway.routes import Backend, Route, RouteTable
 
 log = logging.getLogger("raygate.gateway")
@@ -51,6 +53,7 @@ REPLAYABLE_BODY_BYTES = 64 * 1024
 @dataclass(frozen=True)
 class GatewaySettings:
     max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
     connect_timeout_s: float = 5.0
     # Below Serve's proxy keep-alive (raygate sets it to 90 s), so the gateway never reuses
     # a connection the upstream is about to close.
@@ -61,10 +64,11 @@ class GatewaySettings:
 class _Rejected(Exception):
     """The gateway answers the request itself with `status`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, cluster: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.cluster = cluster  # set when metrics for this answer were already recorded
 
 
 class _BodyTooLarge(Exception):
@@ -82,8 +86,9 @@ def _hop_by_hop(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 class PythonGateway:
     """ASGI application and `DataPlane` implementation in one object."""
 
-    def __init__(self, settings: GatewaySettings | None = None) -> None:
+    def __init__(self, settings: GatewaySettings | None = None, metrics: Metrics | None = None):
         self.settings = settings or GatewaySettings()
+        self.metrics = metrics or Metrics()
         self._table = RouteTable()
         self._in_flight: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -121,8 +126,27 @@ class PythonGateway:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            # Not proxied yet: refuse the handshake (ASGI turns this into HTTP 403).
-            await receive()
+            await self._refuse_websocket(scope, receive, send)
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WebSocket is not proxied yet: answer the upgrade with a clear 501."""
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = json.dumps(
+                {"error": "WebSocket is not supported by this gateway", "request_id": ""}
+            ).encode()
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 501,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
             await send({"type": "websocket.close", "code": 1003})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -151,26 +175,30 @@ class PythonGateway:
             )
         return self._session
 
-    def _enter(self, cluster: str) -> None:
-        self._in_flight[cluster] = self._in_flight.get(cluster, 0) + 1
+    def _enter(self, service: str, cluster: str) -> None:
+        count = self._in_flight.get(cluster, 0) + 1
+        self._in_flight[cluster] = count
         self._idle.clear()
+        self.metrics.set_in_flight(service, cluster, count)
 
-    def _leave(self, cluster: str) -> None:
+    def _leave(self, service: str, cluster: str) -> None:
         left = self._in_flight.get(cluster, 0) - 1
         if left > 0:
             self._in_flight[cluster] = left
         else:
             self._in_flight.pop(cluster, None)
+        self.metrics.set_in_flight(service, cluster, max(left, 0))
         if not self._in_flight:
             self._idle.set()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = list(scope["headers"])
         request_id = ""
+        header_bytes = 0
         for k, v in headers:
+            header_bytes += len(k) + len(v) + 4
             if k == b"x-request-id":
                 request_id = v.decode("latin-1")
-                break
         if not request_id:
             request_id = uuid.uuid4().hex
             headers.append((b"x-request-id", request_id.encode()))
@@ -186,6 +214,8 @@ class PythonGateway:
 
         route = self._table.match(path)
         try:
+            if header_bytes > self.settings.max_header_bytes:
+                raise _Rejected(431, f"request headers over {self.settings.max_header_bytes} bytes")
             if route is None:
                 raise _Rejected(404, f"no route for path {path!r}")
             await self._proxy(scope, receive, send, route, headers, request_id)
@@ -193,6 +223,9 @@ class PythonGateway:
             extra = []
             if rejected.status == 503:
                 extra.append((b"retry-after", str(self.settings.retry_after_s).encode()))
+            if rejected.cluster is None:
+                service, app = (route.service, route.app) if route else ("", "")
+                self.metrics.gateway_answer(service, app, rejected.status)
             await _json(send, rejected.status, {"error": rejected.message}, request_id, extra)
 
     async def _proxy(
@@ -223,22 +256,32 @@ class PythonGateway:
             target += "?" + scope["query_string"].decode("latin-1")
 
         tried: list[str] = []
+        started = time.perf_counter()
         while True:
-            self._enter(backend.cluster)
+            self._enter(route.service, backend.cluster)
             try:
                 outcome = await self._attempt(
                     scope, receive, send, route, backend, target, upstream_headers, body, request_id
                 )
             finally:
-                self._leave(backend.cluster)
+                self._leave(route.service, backend.cluster)
             if outcome is None:
                 return
-            status, message, retryable = outcome
+            status, message, kind, retryable = outcome
+            self.metrics.upstream_error(route.service, backend.cluster, kind)
             tried.append(backend.cluster)
             replayable = isinstance(body, bytes) or not body.consumed
             nxt = route.pick(exclude=tried) if retryable and replayable and len(tried) < 2 else None
             if nxt is None:
-                raise _Rejected(status, message)
+                self.metrics.observe_request(
+                    route.service,
+                    route.app,
+                    backend.cluster,
+                    status,
+                    None,
+                    time.perf_counter() - started,
+                )
+                raise _Rejected(status, message, backend.cluster)
             log.info("retrying %s on %s after: %s", request_id, nxt.cluster, message)
             backend = nxt
 
@@ -253,14 +296,18 @@ class PythonGateway:
         headers: list[tuple[str, str]],
         body: bytes | _StreamedBody,
         request_id: str,
-    ) -> tuple[int, str, bool] | None:
-        """One upstream attempt. None when a response went out; else (status, why, retryable)."""
+    ) -> tuple[int, str, str, bool] | None:
+        """One upstream attempt. None when a response went out; else
+        (status, why, error kind, retryable)."""
         session = self._ensure_session()
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.settings.connect_timeout_s, sock_read=route.timeout_s
         )
         data: Any = body if isinstance(body, bytes) else body.iterate()
         started = False
+        t0 = time.perf_counter()
+        status = 0
+        ttfb: float | None = None
         try:
             async with session.request(
                 scope["method"],
@@ -275,6 +322,8 @@ class PythonGateway:
                 out_headers = [(k, v) for k, v in raw if k.lower() not in drop]
                 if not any(k.lower() == b"x-request-id" for k, _ in out_headers):
                     out_headers.append((b"x-request-id", request_id.encode()))
+                ttfb = time.perf_counter() - t0
+                status = resp.status
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": out_headers}
                 )
@@ -288,8 +337,19 @@ class PythonGateway:
             if started:
                 # Bytes already went to the client: nothing to retry, just cut the stream.
                 log.info("upstream %s failed mid-response: %r", backend.cluster, exc)
+                self.metrics.upstream_error(route.service, backend.cluster, "mid_response")
                 return None
             return _classify(exc, backend)
+        finally:
+            if started:
+                self.metrics.observe_request(
+                    route.service,
+                    route.app,
+                    backend.cluster,
+                    status,
+                    ttfb,
+                    time.perf_counter() - t0,
+                )
 
     async def _stream_back(
         self,
@@ -405,15 +465,16 @@ def _upstream_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[
     return out
 
 
-def _classify(exc: BaseException, backend: Backend) -> tuple[int, str, bool]:
-    """aiohttp's exceptions, translated once: (status, message, safe to retry elsewhere)."""
+def _classify(exc: BaseException, backend: Backend) -> tuple[int, str, str, bool]:
+    """aiohttp's exceptions, translated once: (status, message, kind, safe to retry elsewhere)."""
+    c = backend.cluster
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return 502, f"cluster {backend.cluster} refused the connection", True
+        return 502, f"cluster {c} refused the connection", "connect", True
     if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
-        return 504, f"cluster {backend.cluster} did not answer in time", False
+        return 504, f"cluster {c} did not answer in time", "timeout", False
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        return 502, f"cluster {backend.cluster} closed the connection before answering", True
-    return 502, f"cluster {backend.cluster} failed: {exc.__class__.__name__}", False
+        return 502, f"cluster {c} closed the connection before answering", "disconnect", True
+    return 502, f"cluster {c} failed: {exc.__class__.__name__}", "other", False
 
 
 async def _json(

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from rollout.plan import ServiceState
 from rollout.spec import ServiceSpec, SpecError, parse_spec
@@ -90,7 +91,7 @@ def create_admin_app(
     token: str,
     wake: Callable[[str], None],
     in_flight: Callable[[], Mapping[str, int]],
-    extra_routes: Callable[[FastAPI], None] | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     app = FastAPI(title="raygate admin API", version="1")
 
@@ -158,8 +159,28 @@ def create_admin_app(
         wake(name)
         return {"name": name, "phase": "deleting"}
 
-    if extra_routes is not None:
-        extra_routes(app)
+    if metrics_registry is not None:
+        registry = metrics_registry
+
+        @app.get("/metrics", dependencies=guarded)
+        def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def create_metrics_app(registry: CollectorRegistry) -> FastAPI:
+    """The admin port of `raygate gateway`: read-only, so no token."""
+    app = FastAPI(title="raygate gateway admin")
+
+    @app.get("/-/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     return app
 
 

@@ -46,6 +46,24 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
 
+    gw = sub.add_parser(
+        "gateway", help="only the data plane, in front of endpoints raygate did not start"
+    )
+    gw.add_argument(
+        "--route",
+        action="append",
+        required=True,
+        metavar="/PREFIX=URL",
+        help="route a prefix to an upstream; repeat a prefix to balance",
+    )
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--admin-port", type=int, default=8001, help="/metrics and /-/healthz")
+    gw.add_argument("--timeout", type=float, default=60.0, help="per-route upstream timeout")
+    gw.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    gw.add_argument("--log-level", default="INFO")
+    gw.set_defaults(func=_gateway)
+
     def client(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--admin-url", default=os.environ.get("RAYGATE_ADMIN_URL", DEFAULT_ADMIN))
         sp.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
@@ -97,10 +115,35 @@ def _up(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         token=os.environ.get("RAYGATE_TOKEN") or None,
     )
+    return _run(run_up(settings, specs))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from rollout.server import GatewayOnlySettings, run_gateway
+
+    routes = []
+    for item in args.route:
+        prefix, sep, url = item.partition("=")
+        if not sep or not prefix.startswith("/") or not url.startswith(("http://", "https://")):
+            print(f"raygate: --route {item!r}: expected /PREFIX=http://HOST:PORT", file=sys.stderr)
+            return 2
+        routes.append((prefix, url))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = GatewayOnlySettings(
+        routes=tuple(routes), host=args.host, port=args.port, admin_port=args.admin_port,
+        timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
+    )  # fmt: skip
+    return _run(run_gateway(settings))
+
+
+def _run(main: Any) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_up(settings, specs))
+        code: int = runner.run(main)
+        return code
 
 
 # ---- admin API clients -----------------------------------------------------------------

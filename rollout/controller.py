@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from gateway.dataplane import DataPlane
+from gateway.metrics import Metrics
 from gateway.routes import Backend, Route, RouteTable
 from rollout.health import HealthChecker
 from rollout.plan import (
@@ -33,8 +34,10 @@ from rollout.plan import (
     DeployServe,
     Liveness,
     Observation,
+    Phase,
     Revision,
     ServiceState,
+    Step,
     plan,
 )
 from rollout.providers.base import ClusterInfo, ClusterProvider, ProviderError
@@ -106,12 +109,15 @@ class Controller:
         http: httpx.AsyncClient,
         settings: ControllerSettings | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
         self.dataplane = dataplane
         self.settings = settings or ControllerSettings()
         self.clock = clock
+        self.metrics = metrics or Metrics()
+        self._health_since: dict[str, float] = {}  # service -> when its health step began
         self.health = HealthChecker(http)
         self.serve = ServeClient(http)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -211,9 +217,31 @@ class Controller:
             self.store.mark_rollout_started(name, decision.state.pending.revision)
         for text in decision.events:
             log.info("%s: %s", name, text)
+        self._record(state, decision, now)
         await self.publish_routes()
         await self._act(decision, revisions, new_infos)
         return not decision.gone
+
+    def _record(self, before: ServiceState, decision: Decision, now: float) -> None:
+        """Metrics of one decision: phase, rollouts ended, health and drain durations."""
+        name, after = before.name, decision.state
+        phases = tuple(p.value for p in Phase)
+        if decision.gone:
+            self.metrics.forget_service(name, phases)
+        else:
+            self.metrics.set_phase(name, after.phase.value, phases)
+        for record in decision.finished:
+            self.metrics.rollout_ended(name, record.result.value)
+        in_health = after.pending is not None and after.pending.step is Step.HEALTH
+        if in_health and name not in self._health_since:
+            self._health_since[name] = now
+        elif not in_health and name in self._health_since:
+            self.metrics.step_took("health", now - self._health_since.pop(name))
+        for action in decision.actions:
+            if isinstance(action, DeleteCluster):
+                for r in before.retiring:
+                    if r.cluster == action.cluster:
+                        self.metrics.step_took("drain", now - r.since)
 
     def _revisions(self, name: str, state: ServiceState, desired: Revision) -> dict[int, Revision]:
         numbers = {desired.number}
@@ -273,8 +301,12 @@ class Controller:
         clusters = {info.id: info for info, _ in self.store.clusters()}
         table = route_table(states, lambda n, r: self.store.revision(n, r).spec, clusters)
         if table != self._table:
+            started = time.perf_counter()
             await self.dataplane.apply(table)
+            self.metrics.step_took("switch", time.perf_counter() - started)
             self._table = table
+        # Every tick, so a deleted cluster's weight disappears too.
+        self.metrics.set_weights({n: s.traffic() for n, s in states.items()})
 
     # ---- act ------------------------------------------------------------------------
     async def _act(
@@ -301,7 +333,9 @@ class Controller:
                 self._errors[(info.id, revision.number)] = f"cluster start failed: {exc}"
             return
         self.store.update_cluster(info, ClusterState.RUNNING)
-        self._event(info.service, f"cluster {info.id} started in {time.monotonic() - started:.1f}s")
+        took = time.monotonic() - started
+        self.metrics.step_took("create_cluster", took)
+        self._event(info.service, f"cluster {info.id} started in {took:.1f}s")
 
     async def _deploy(self, cluster: str, revision: Revision) -> None:
         record = self.store.cluster(cluster)
@@ -316,10 +350,9 @@ class Controller:
             if exc.permanent:
                 self._errors[(cluster, revision.number)] = str(exc)
             return
-        self._event(
-            info.service,
-            f"revision {revision.number} sent to {cluster} in {time.monotonic() - started:.1f}s",
-        )
+        took = time.monotonic() - started
+        self.metrics.step_took("deploy", took)
+        self._event(info.service, f"revision {revision.number} sent to {cluster} in {took:.1f}s")
 
     async def _delete(self, cluster: str) -> None:
         record = self.store.cluster(cluster)
@@ -330,7 +363,9 @@ class Controller:
         await self.provider.delete(info)
         self.store.drop_cluster(cluster)
         self._errors = {k: v for k, v in self._errors.items() if k[0] != cluster}
-        self._event(info.service, f"cluster {cluster} deleted in {time.monotonic() - started:.1f}s")
+        took = time.monotonic() - started
+        self.metrics.step_took("delete", took)
+        self._event(info.service, f"cluster {cluster} deleted in {took:.1f}s")
 
     def _event(self, service: str, text: str) -> None:
         log.info("%s: %s", service, text)

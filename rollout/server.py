@@ -15,12 +15,15 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 
-from gateway.python_engine import PythonGateway
-from rollout.api import create_admin_app
+from gateway.metrics import Metrics
+from gateway.python_engine import GatewaySettings, PythonGateway
+from gateway.routes import Backend, Route, RouteTable
+from rollout.api import create_admin_app, create_metrics_app
 from rollout.controller import Controller
 from rollout.providers.local import LocalProvider, LocalSettings
 from rollout.spec import ServiceSpec
@@ -59,6 +62,48 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
+async def serve_until_signal(
+    gateway: PythonGateway,
+    admin: Any,
+    host: str,
+    port: int,
+    admin_port: int,
+    drain_timeout_s: float,
+) -> int:
+    """Serve the data plane and the admin app until SIGINT/SIGTERM, then shut down in order:
+    /-/ready turns 503 and the listeners close, in-flight requests and streams finish
+    (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
+    data_server = _Server(
+        uvicorn.Config(gateway, host=host, port=port, lifespan="on", log_level="warning",
+                       access_log=False, timeout_graceful_shutdown=int(drain_timeout_s))
+    )  # fmt: skip
+    admin_server = _Server(
+        uvicorn.Config(admin, host=host, port=admin_port, log_level="warning",
+                       access_log=False, timeout_graceful_shutdown=5)
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    servers = [
+        asyncio.create_task(data_server.serve(), name="data-plane"),
+        asyncio.create_task(admin_server.serve(), name="admin-api"),
+    ]
+    log.info("gateway on http://%s:%d, admin API on http://%s:%d", host, port, host, admin_port)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([*servers, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    log.info("shutting down: draining the gateway")
+    data_server.should_exit = True
+    admin_server.should_exit = True
+    await gateway.drain(drain_timeout_s)
+    for task in servers:
+        with contextlib.suppress(BaseException):
+            await task
+    failed = [t for t in servers if t.cancelled() or t.exception() is not None]
+    return 1 if failed else 0
+
+
 async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -69,72 +114,28 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         token, token_path = load_or_create_token(state_dir)
         log.info("admin token: %s", token_path)
 
+    metrics = Metrics()
     store = Store(state_dir / "raygate.db")
     provider = LocalProvider(LocalSettings(state_dir))
-    gateway = PythonGateway()
+    gateway = PythonGateway(metrics=metrics)
     http = httpx.AsyncClient(trust_env=False)
-    controller = Controller(store, provider, gateway, http)
-
-    admin = create_admin_app(store, token, controller.wake, gateway.in_flight)
-    data_server = _Server(
-        uvicorn.Config(
-            gateway,
-            host=settings.host,
-            port=settings.port,
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=int(settings.drain_timeout_s),
-        )
+    controller = Controller(store, provider, gateway, http, metrics=metrics)
+    admin = create_admin_app(
+        store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
     )
-    admin_server = _Server(
-        uvicorn.Config(
-            admin,
-            host=settings.host,
-            port=settings.admin_port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
-    )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
+    code = 1
     try:
         await controller.start()
         for spec in specs:
             revision, unchanged = store.push(spec, time.time())
-            note = "unchanged" if unchanged else "pushed"
-            log.info("%s: revision %d %s", spec.name, revision, note)
+            log.info(
+                "%s: revision %d %s", spec.name, revision, "unchanged" if unchanged else "pushed"
+            )
             controller.wake(spec.name)
-        servers = [
-            asyncio.create_task(data_server.serve(), name="data-plane"),
-            asyncio.create_task(admin_server.serve(), name="admin-api"),
-        ]
-        log.info(
-            "gateway on http://%s:%d, admin API on http://%s:%d",
-            settings.host,
-            settings.port,
-            settings.host,
-            settings.admin_port,
-        )
-        done_early = asyncio.create_task(asyncio.wait(servers, return_when=asyncio.FIRST_COMPLETED))
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([done_early, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        done_early.cancel()
-        log.info("shutting down: draining the gateway")
-        # /-/ready turns 503 and listeners close; in-flight requests and streams finish.
-        data_server.should_exit = True
-        admin_server.should_exit = True
-        await gateway.drain(settings.drain_timeout_s)
-        for task in servers:
-            with contextlib.suppress(Exception):
-                await task
-        failed = [t for t in servers if t.done() and not t.cancelled() and t.exception()]
+        code = await serve_until_signal(
+            gateway, admin, settings.host, settings.port, settings.admin_port,
+            settings.drain_timeout_s,
+        )  # fmt: skip
     finally:
         log.info("stopping every Ray cluster raygate started")
         await controller.stop(delete_clusters=True)
@@ -142,4 +143,44 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         await http.aclose()
         await provider.close()
         store.close()
-    return 1 if failed else 0
+    return code
+
+
+@dataclass(frozen=True)
+class GatewayOnlySettings:
+    routes: tuple[tuple[str, str], ...]  # (prefix, upstream URL); a prefix may repeat
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_port: int = 8001
+    timeout_s: float = 60.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+
+
+def standalone_table(routes: Sequence[tuple[str, str]], timeout_s: float) -> RouteTable:
+    """`--route /p=http://a:1 --route /p=http://b:2`: one route, two equal backends."""
+    backends: dict[str, list[Backend]] = {}
+    for prefix, url in routes:
+        key = "/" + prefix.strip("/") if prefix.strip("/") else "/"
+        name = url.split("://", 1)[-1].rstrip("/")
+        backends.setdefault(key, []).append(Backend(name, url.rstrip("/"), 1))
+    return RouteTable(tuple(
+        Route(prefix, "standalone", prefix, tuple(bs), timeout_s)
+        for prefix, bs in backends.items()
+    ))  # fmt: skip
+
+
+async def run_gateway(settings: GatewayOnlySettings) -> int:
+    """`raygate gateway`: the same data plane in front of endpoints raygate did not start."""
+    metrics = Metrics()
+    gateway = PythonGateway(GatewaySettings(max_body_bytes=settings.max_body_bytes), metrics)
+    await gateway.apply(standalone_table(settings.routes, settings.timeout_s))
+    metrics.set_weights(gateway.table.weights())
+    admin = create_metrics_app(metrics.registry)
+    try:
+        return await serve_until_signal(
+            gateway, admin, settings.host, settings.port, settings.admin_port,
+            settings.drain_timeout_s,
+        )  # fmt: skip
+    finally:
+        await gateway.close()

@@ -1,0 +1,121 @@
+"""raygate's Prometheus metrics, all of them, in one module with an injectable registry.
+
+The data plane records requests; the controller (which may import this module; the reverse
+never happens) records traffic weights and rollouts. Labels are names and route prefixes,
+never raw paths, so cardinality stays bounded by the number of services and clusters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Inference latency: a few ms for a small model up to a minute for a large one.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+STEP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+@dataclass
+class _RouteMetrics:
+    """Children bound to one (service, app, cluster), so the hot path skips label lookups."""
+
+    duration: object
+    ttfb: object
+    codes: dict[int, object] = field(default_factory=dict)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "raygate_requests", "Requests answered, by status code.",
+            ["service", "app", "cluster", "code"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "raygate_request_duration_seconds", "Time from request to the last response byte.",
+            ["service", "app", "cluster"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "raygate_time_to_first_byte_seconds",
+            "Time from request to the upstream's response headers.",
+            ["service", "app", "cluster"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "raygate_in_flight_requests", "Requests in flight to a cluster.",
+            ["service", "cluster"], registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "raygate_upstream_errors", "Upstream failures seen by the gateway.",
+            ["service", "cluster", "kind"], registry=r,
+        )  # fmt: skip
+        self.traffic_weight = Gauge(
+            "raygate_traffic_weight", "Percent of a service's new requests sent to a cluster.",
+            ["service", "cluster"], registry=r,
+        )  # fmt: skip
+        self.rollout_phase = Gauge(
+            "raygate_rollout_phase", "1 for the phase a service is in, 0 for the others.",
+            ["service", "phase"], registry=r,
+        )  # fmt: skip
+        self.rollouts = Counter(
+            "raygate_rollouts", "Rollouts that ended, by result.", ["service", "result"],
+            registry=r,
+        )  # fmt: skip
+        self.step_duration = Histogram(
+            "raygate_rollout_step_duration_seconds", "Duration of each rollout step.",
+            ["step"], buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._routes: dict[tuple[str, str, str], _RouteMetrics] = {}
+
+    # ---- data plane -------------------------------------------------------------------
+    def observe_request(
+        self, service: str, app: str, cluster: str, code: int, ttfb_s: float | None,
+        total_s: float,
+    ) -> None:  # fmt: skip
+        key = (service, app, cluster)
+        rm = self._routes.get(key)
+        if rm is None:
+            rm = _RouteMetrics(self.duration.labels(*key), self.ttfb.labels(*key))
+            self._routes[key] = rm
+        counter = rm.codes.get(code)
+        if counter is None:
+            counter = self.requests.labels(service, app, cluster, str(code))
+            rm.codes[code] = counter
+        counter.inc()  # type: ignore[attr-defined]
+        rm.duration.observe(total_s)  # type: ignore[attr-defined]
+        if ttfb_s is not None:
+            rm.ttfb.observe(ttfb_s)  # type: ignore[attr-defined]
+
+    def gateway_answer(self, service: str, app: str, code: int) -> None:
+        """A request the gateway answered itself (no cluster): cluster label is empty."""
+        self.requests.labels(service, app, "", str(code)).inc()
+
+    def set_in_flight(self, service: str, cluster: str, value: int) -> None:
+        self.in_flight.labels(service, cluster).set(value)
+
+    def upstream_error(self, service: str, cluster: str, kind: str) -> None:
+        self.upstream_errors.labels(service, cluster, kind).inc()
+
+    # ---- control plane ----------------------------------------------------------------
+    def set_weights(self, weights: dict[str, dict[str, int]]) -> None:
+        self.traffic_weight.clear()
+        for service, per in weights.items():
+            for cluster, weight in per.items():
+                self.traffic_weight.labels(service, cluster).set(weight)
+
+    def set_phase(self, service: str, phase: str, phases: tuple[str, ...]) -> None:
+        for p in phases:
+            self.rollout_phase.labels(service, p).set(1 if p == phase else 0)
+
+    def forget_service(self, service: str, phases: tuple[str, ...]) -> None:
+        for p in phases:
+            self.rollout_phase.remove(service, p)
+
+    def rollout_ended(self, service: str, result: str) -> None:
+        self.rollouts.labels(service, result).inc()
+
+    def step_took(self, step: str, seconds: float) -> None:
+        self.step_duration.labels(step).observe(seconds)
