@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,16 +17,12 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.loopback import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "serve_configs" / "digits"
 SAMPLE = (EXAMPLES / "sample.json").read_bytes()
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], T | None], within_s: float, every_s: float = 0.5) -> T:

@@ -134,6 +134,16 @@ def test_blue_green_under_load_switches_with_zero_failures(rg: Raygate) -> None:
         assert set(models[first_svc:]) == {"svc"}, "traffic went back to the old cluster"
         assert {o.cluster for o in worker[first_svc:]} == {new}
     wait_for("the old cluster's processes to exit", lambda: rg.clusters_running() == {new}, 120)
+    with rg.api() as api:
+        text = api.get("/metrics").text
+    assert 'raygate_rollouts_total{result="succeeded",service="digits"} 3.0' in text
+    assert f'raygate_traffic_weight{{cluster="{new}",service="digits"}} 100.0' in text
+    assert 'raygate_rollout_phase{phase="live",service="digits"} 1.0' in text
+    assert 'raygate_rollout_step_duration_seconds_count{step="create_cluster"}' in text
+    assert (
+        f'raygate_requests_total{{app="digits",cluster="{new}",code="200",service="digits"}}'
+        in text
+    )
     print(
         f"\nblue-green under load: {len(load.outcomes)} requests, 0 failed; "
         f"push to live {switched:.1f}s"

@@ -1,0 +1,217 @@
+"""Data plane benchmark: raygate's gateway against nginx as a reverse proxy, same upstream,
+same run, all on loopback. Run it with `./dev bench` (installs nginx and wrk from Debian).
+
+Targets, measured with wrk (-t1) at 32 connections and at 1, GET and a 2 KiB POST:
+  direct   wrk -> upstream (nginx answering a 100-byte body)
+  nginx    wrk -> nginx reverse proxy (keepalive 64) -> upstream
+  raygate  wrk -> `raygate gateway` -> upstream
+Rounds are interleaved (every target once per round) and medians are reported, so a noisy
+moment on this 2-core machine does not favour one target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY_100 = "x" * 99 + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx-{name}.pid;
+error_log {dir}/error-{name}.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body-{name};
+    proxy_temp_path {dir}/proxy-{name};
+    fastcgi_temp_path {dir}/fcgi-{name};
+    uwsgi_temp_path {dir}/uwsgi-{name};
+    scgi_temp_path {dir}/scgi-{name};
+    keepalive_requests 1000000;
+    {body}
+}}
+"""
+
+UPSTREAM = """
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "{text}"; }}
+    }}
+"""
+
+PROXY = """
+    upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = string.rep("p", 2048)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, conns: int, seconds: float, script: Path | None) -> Result:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", url]
+    if script is not None:
+        cmd[1:1] = ["-s", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    return Result(rps, p50, p99)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: run ./dev bench, which installs it", file=sys.stderr)
+            return 2
+
+    work = Path(tempfile.mkdtemp(prefix="rg-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        up_port, proxy_port, rg_port, rg_admin = (free_port() for _ in range(4))
+        for name, body in (
+            ("upstream", UPSTREAM.format(port=up_port, text=BODY_100.replace("\n", "\\n"))),
+            ("proxy", PROXY.format(port=proxy_port, upstream=up_port)),
+        ):
+            conf = work / f"{name}.conf"
+            conf.write_text(NGINX_CONF.format(dir=work, name=name, body=body))
+            procs.append(subprocess.Popen(["nginx", "-p", str(work), "-c", str(conf)]))
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "rollout.cli", "gateway",
+             "--route", f"/=http://127.0.0.1:{up_port}",
+             "--port", str(rg_port), "--admin-port", str(rg_admin), "--log-level", "WARNING"],
+            cwd=ROOT,
+        )  # fmt: skip
+        procs.append(gateway)
+        for port in (up_port, proxy_port, rg_port):
+            wait_port(port)
+        post = work / "post.lua"
+        post.write_text(POST_LUA)
+
+        targets = {
+            "direct": f"http://127.0.0.1:{up_port}/svc",
+            "nginx": f"http://127.0.0.1:{proxy_port}/svc",
+            "raygate": f"http://127.0.0.1:{rg_port}/svc",
+        }
+        cases = [("GET", 32, None), ("GET", 1, None), ("POST 2KiB", 32, post),
+                 ("POST 2KiB", 1, post)]  # fmt: skip
+        for url in targets.values():  # warm up connections, JIT-free but caches and pools
+            wrk(url, 32, 1, None)
+        samples: dict[tuple[str, str, int], list[Result]] = {}
+        rss: list[float] = []
+        for rnd in range(args.rounds):
+            for method, conns, script in cases:
+                for target, url in targets.items():
+                    res = wrk(url, conns, args.seconds, script)
+                    samples.setdefault((target, method, conns), []).append(res)
+                    if target == "raygate":
+                        rss.append(rss_mb(gateway.pid))
+            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        report(samples, rss, args)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM if p is procs[-1] else signal.SIGQUIT)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
+           args: argparse.Namespace) -> None:  # fmt: skip
+    def med(target: str, method: str, conns: int) -> Result:
+        rs = samples[(target, method, conns)]
+        return Result(statistics.median(r.rps for r in rs),
+                      statistics.median(r.p50_ms for r in rs),
+                      statistics.median(r.p99_ms for r in rs))  # fmt: skip
+
+    print(f"\nmedians of {args.rounds} interleaved rounds of {args.seconds:g}s, wrk -t1, "
+          f"loopback, {os.cpu_count()} cores shared by wrk, proxies and upstream\n")  # fmt: skip
+    print(f"{'case':<16}{'target':<9}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'vs direct':>11}{'vs nginx':>10}")  # fmt: skip
+    for method, conns in (("GET", 32), ("GET", 1), ("POST 2KiB", 32), ("POST 2KiB", 1)):
+        direct = med("direct", method, conns)
+        nginx = med("nginx", method, conns)
+        for target in ("direct", "nginx", "raygate"):
+            r = med(target, method, conns)
+            print(f"{method + ' c' + str(conns):<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}"
+                  f"{r.p99_ms:>9.3f}{r.rps / direct.rps:>10.1%}{r.rps / nginx.rps:>10.1%}")  # fmt: skip
+    for method in ("GET", "POST 2KiB"):
+        d, n, g = (med(t, method, 1) for t in ("direct", "nginx", "raygate"))
+        print(f"\nadded p50 at 1 connection, {method}: raygate +{g.p50_ms - d.p50_ms:.3f} ms, "
+              f"nginx +{n.p50_ms - d.p50_ms:.3f} ms")  # fmt: skip
+    print(f"raygate gateway RSS: max {max(rss):.0f} MB over the run")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Real servers on loopback for gateway tests: an aiohttp upstream with streaming, slow and
+endless endpoints, and the Python gateway under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import uvicorn
+from aiohttp import web
+
+from gateway.python_engine import GatewaySettings, PythonGateway
+from gateway.routes import Backend, Route, RouteTable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Upstream:
+    url: str
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    stream_done: bool = False
+    stream_aborted: bool = False
+    seen_headers: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    port = free_port()
+    up = Upstream(f"http://127.0.0.1:{port}")
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        up.seen_headers = dict(request.headers)
+        return web.json_response(
+            {"method": request.method, "path": request.path_qs, "size": len(body),
+             "from": "a"},
+            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5"},
+        )  # fmt: skip
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b"data: first\n\n")
+            await asyncio.wait_for(up.release.wait(), 10)
+            await resp.write(b"data: second\n\n")
+            await resp.write_eof()
+            up.stream_done = True
+        except (ConnectionResetError, asyncio.CancelledError, TimeoutError):
+            up.stream_aborted = True
+            raise
+        return resp
+
+    async def forever(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            for _ in range(2000):  # bounded: 2000 x 10 ms
+                await resp.write(b"x" * 100)
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            up.stream_aborted = True
+            raise
+        return resp
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_route("*", "/svc/stream", stream)
+    app.router.add_route("*", "/svc/forever", forever)
+    app.router.add_route("*", "/svc/slow", slow)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield up
+    up.release.set()
+    await runner.cleanup()
+
+
+@dataclass
+class Gate:
+    engine: PythonGateway
+    url: str
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+async def gate() -> AsyncIterator[Gate]:
+    engine = PythonGateway(GatewaySettings(max_body_bytes=1_000_000))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(engine, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+        yield Gate(engine, url, client)
+    server.should_exit = True
+    await task
+
+
+def table(*backends: Backend, prefix: str = "/svc", timeout: float = 60.0) -> RouteTable:
+    return RouteTable((Route(prefix, "svc", "app", tuple(backends), timeout),))

@@ -1,0 +1,191 @@
+"""What operators see of the gateway: metrics (values and promtool), header and WebSocket
+refusals, and the standalone `raygate gateway` process with its graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.metrics import Metrics
+from gateway.python_engine import GatewaySettings, PythonGateway
+from gateway.routes import Backend
+from tests.harness import ROOT
+from tests.loopback import Gate, Upstream, free_port, table, until
+
+
+@pytest.fixture
+async def metered(upstream: Upstream) -> AsyncIterator[tuple[Gate, CollectorRegistry]]:
+    import uvicorn
+
+    registry = CollectorRegistry()
+    engine = PythonGateway(GatewaySettings(max_header_bytes=8 * 1024), Metrics(registry))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(engine, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+        yield Gate(engine, url, client), registry
+    server.should_exit = True
+    await task
+
+
+async def test_request_metrics_have_the_right_values(
+    metered: tuple[Gate, CollectorRegistry], upstream: Upstream
+) -> None:
+    gate, reg = metered
+    dead = f"http://127.0.0.1:{free_port()}"
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    for _ in range(3):
+        assert (await gate.client.get("/svc/a")).status_code == 200
+    assert (await gate.client.get("/elsewhere")).status_code == 404
+    await gate.engine.apply(table(Backend("dead", dead, 1)))
+    assert (await gate.client.get("/svc/a")).status_code == 502
+    await gate.engine.apply(table(Backend("c1", upstream.url, 0)))
+    assert (await gate.client.get("/svc/a")).status_code == 503
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, labels)
+
+    route = {"service": "svc", "app": "app"}
+    assert value("raygate_requests_total", **route, cluster="c1", code="200") == 3
+    assert value("raygate_request_duration_seconds_count", **route, cluster="c1") == 3
+    assert value("raygate_time_to_first_byte_seconds_count", **route, cluster="c1") == 3
+    assert value("raygate_requests_total", service="", app="", cluster="", code="404") == 1
+    assert value("raygate_requests_total", **route, cluster="dead", code="502") == 1
+    assert value("raygate_upstream_errors_total", service="svc", cluster="dead",
+                 kind="connect") == 1  # fmt: skip
+    assert value("raygate_requests_total", **route, cluster="", code="503") == 1
+    assert value("raygate_in_flight_requests", service="svc", cluster="c1") == 0
+    # The raw path never becomes a label value.
+    assert b"/svc/a" not in generate_latest(reg)
+
+
+async def test_in_flight_gauge_counts_an_open_stream(
+    metered: tuple[Gate, CollectorRegistry], upstream: Upstream
+) -> None:
+    gate, reg = metered
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    async with gate.client.stream("GET", "/svc/stream") as r:
+        chunks = r.aiter_raw()
+        await chunks.__anext__()
+        labels = {"service": "svc", "cluster": "c1"}
+        assert reg.get_sample_value("raygate_in_flight_requests", labels) == 1
+        upstream.release.set()
+        _ = [c async for c in chunks]
+    await until(lambda: reg.get_sample_value("raygate_in_flight_requests", labels) == 0)
+
+
+def test_metrics_output_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: ./dev test installs Debian's prometheus package"
+    m = Metrics(CollectorRegistry())
+    m.observe_request("digits", "digits", "digits-abc", 200, 0.01, 0.02)
+    m.gateway_answer("", "", 404)
+    m.set_in_flight("digits", "digits-abc", 2)
+    m.upstream_error("digits", "digits-abc", "connect")
+    m.set_weights({"digits": {"digits-abc": 100, "digits-old": 0}})
+    m.set_phase("digits", "live", ("deploying", "live", "upgrading", "failed", "deleting"))
+    m.rollout_ended("digits", "succeeded")
+    m.step_took("create_cluster", 12.5)
+    out = subprocess.run([promtool, "check", "metrics"], input=generate_latest(m.registry),
+                         capture_output=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+    assert out.stdout.strip() == b"" and out.stderr.strip() == b"", "promtool lint warnings"
+
+
+async def test_headers_over_the_limit_are_431(
+    metered: tuple[Gate, CollectorRegistry], upstream: Upstream
+) -> None:
+    gate, _ = metered
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    r = await gate.client.get("/svc/a", headers={"X-Big": "v" * 9000})
+    assert r.status_code == 431 and "request_id" in r.json()
+
+
+async def test_websocket_upgrade_is_refused_with_501(
+    metered: tuple[Gate, CollectorRegistry], upstream: Upstream
+) -> None:
+    gate, _ = metered
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    host, port = gate.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /svc/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 501"), status_line
+
+
+# ---- standalone process ------------------------------------------------------------------
+def _refused(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_standalone_gateway_proxies_exports_metrics_and_drains_on_sigterm(
+    upstream: Upstream,
+) -> None:
+    port, admin = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rollout.cli", "gateway", "--route", f"/svc={upstream.url}",
+        "--port", str(port), "--admin-port", str(admin), "--log-level", "WARNING",
+        cwd=ROOT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    ready = await client.get(f"http://127.0.0.1:{port}/-/ready")
+                    if ready.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "standalone gateway did not come up"
+                await asyncio.sleep(0.1)
+            r = await client.post(f"http://127.0.0.1:{port}/svc/x?q=1", content=b"hi")
+            assert r.json()["path"] == "/svc/x?q=1"
+            text = (await client.get(f"http://127.0.0.1:{admin}/metrics")).text
+            assert 'raygate_requests_total{app="/svc",cluster="127.0.0.1:' in text
+            assert 'raygate_traffic_weight{cluster="127.0.0.1:' in text
+
+            async with client.stream("GET", f"http://127.0.0.1:{port}/svc/stream") as s:
+                chunks = s.aiter_raw()
+                assert await chunks.__anext__() == b"data: first\n\n"
+                proc.send_signal(signal.SIGTERM)
+                # New connections are refused while the open stream keeps going.
+                await until(lambda: _refused(port), 10)
+                assert proc.returncode is None
+                upstream.release.set()
+                rest = b"".join([c async for c in chunks])
+            assert rest == b"data: second\n\n"
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_standalone_gateway_rejects_a_bad_route() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "gateway", "--route", "svc=localhost:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "expected /PREFIX=http://HOST:PORT" in out.stderr
