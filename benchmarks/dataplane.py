@@ -4,7 +4,8 @@ same run, all on loopback. Run it with `./dev bench` (installs nginx and wrk fro
 Targets, measured with wrk (-t1) at 32 connections and at 1, GET and a 2 KiB POST:
   direct   wrk -> upstream (nginx answering a 100-byte body)
   nginx    wrk -> nginx reverse proxy (keepalive 64) -> upstream
-  raygate  wrk -> `raygate gateway` -> upstream
+  raygate  wrk -> `raygate gateway` (one worker) -> upstream
+  raygate2 wrk -> `raygate gateway --workers 2` -> upstream
 Rounds are interleaved (every target once per round) and medians are reported, so a noisy
 moment on this 2-core machine does not favour one target.
 """
@@ -135,7 +136,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rg-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        up_port, proxy_port, rg_port, rg_admin = (free_port() for _ in range(4))
+        up_port, proxy_port, rg_port, rg_admin, rg2_port, rg2_admin = (
+            free_port() for _ in range(6)
+        )
         for name, body in (
             ("upstream", UPSTREAM.format(port=up_port, text=BODY_100.replace("\n", "\\n"))),
             ("proxy", PROXY.format(port=proxy_port, upstream=up_port)),
@@ -143,14 +146,32 @@ def main() -> int:
             conf = work / f"{name}.conf"
             conf.write_text(NGINX_CONF.format(dir=work, name=name, body=body))
             procs.append(subprocess.Popen(["nginx", "-p", str(work), "-c", str(conf)]))
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "rollout.cli", "gateway",
-             "--route", f"/=http://127.0.0.1:{up_port}",
-             "--port", str(rg_port), "--admin-port", str(rg_admin), "--log-level", "WARNING"],
-            cwd=ROOT,
-        )  # fmt: skip
-        procs.append(gateway)
-        for port in (up_port, proxy_port, rg_port):
+        gateways = {}
+        for name, port, admin, workers in (
+            ("raygate", rg_port, rg_admin, 1),
+            ("raygate2", rg2_port, rg2_admin, 2),
+        ):
+            gateways[name] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rollout.cli",
+                    "gateway",
+                    "--route",
+                    f"/=http://127.0.0.1:{up_port}",
+                    "--workers",
+                    str(workers),
+                    "--port",
+                    str(port),
+                    "--admin-port",
+                    str(admin),
+                    "--log-level",
+                    "WARNING",
+                ],
+                cwd=ROOT,
+            )
+            procs.append(gateways[name])  # fmt: skip
+        for port in (up_port, proxy_port, rg_port, rg2_port):
             wait_port(port)
         post = work / "post.lua"
         post.write_text(POST_LUA)
@@ -159,6 +180,7 @@ def main() -> int:
             "direct": f"http://127.0.0.1:{up_port}/svc",
             "nginx": f"http://127.0.0.1:{proxy_port}/svc",
             "raygate": f"http://127.0.0.1:{rg_port}/svc",
+            "raygate2": f"http://127.0.0.1:{rg2_port}/svc",
         }
         cases = [("GET", 32, None), ("GET", 1, None), ("POST 2KiB", 32, post),
                  ("POST 2KiB", 1, post)]  # fmt: skip
@@ -172,12 +194,12 @@ def main() -> int:
                     res = wrk(url, conns, args.seconds, script)
                     samples.setdefault((target, method, conns), []).append(res)
                     if target == "raygate":
-                        rss.append(rss_mb(gateway.pid))
+                        rss.append(rss_mb(gateways["raygate"].pid))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         report(samples, rss, args)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM if p is procs[-1] else signal.SIGQUIT)
+        for p in procs:  # nginx stops gracefully on SIGQUIT, raygate on SIGTERM
+            p.send_signal(signal.SIGQUIT if p in procs[:2] else signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(30)
@@ -202,15 +224,17 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
     for method, conns in (("GET", 32), ("GET", 1), ("POST 2KiB", 32), ("POST 2KiB", 1)):
         direct = med("direct", method, conns)
         nginx = med("nginx", method, conns)
-        for target in ("direct", "nginx", "raygate"):
+        for target in ("direct", "nginx", "raygate", "raygate2"):
             r = med(target, method, conns)
-            print(f"{method + ' c' + str(conns):<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}"
-                  f"{r.p99_ms:>9.3f}{r.rps / direct.rps:>10.1%}{r.rps / nginx.rps:>10.1%}")  # fmt: skip
+            case = f"{method} c{conns}"
+            print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}"
+                  f"{r.p99_ms:>9.3f}{r.rps / direct.rps:>10.1%}"
+                  f"{r.rps / nginx.rps:>10.1%}")  # fmt: skip
     for method in ("GET", "POST 2KiB"):
         d, n, g = (med(t, method, 1) for t in ("direct", "nginx", "raygate"))
         print(f"\nadded p50 at 1 connection, {method}: raygate +{g.p50_ms - d.p50_ms:.3f} ms, "
               f"nginx +{n.p50_ms - d.p50_ms:.3f} ms")  # fmt: skip
-    print(f"raygate gateway RSS: max {max(rss):.0f} MB over the run")
+    print(f"raygate gateway RSS (one worker): max {max(rss):.0f} MB over the run")
 
 
 if __name__ == "__main__":

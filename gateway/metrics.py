@@ -44,9 +44,10 @@ class Metrics:
             "Time from request to the upstream's response headers.",
             ["service", "app", "cluster"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # multiprocess_mode only matters with several gateway workers (PROMETHEUS_MULTIPROC_DIR).
         self.in_flight = Gauge(
             "raygate_in_flight_requests", "Requests in flight to a cluster.",
-            ["service", "cluster"], registry=r,
+            ["service", "cluster"], registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
         self.upstream_errors = Counter(
             "raygate_upstream_errors", "Upstream failures seen by the gateway.",
@@ -54,11 +55,11 @@ class Metrics:
         )  # fmt: skip
         self.traffic_weight = Gauge(
             "raygate_traffic_weight", "Percent of a service's new requests sent to a cluster.",
-            ["service", "cluster"], registry=r,
+            ["service", "cluster"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.rollout_phase = Gauge(
             "raygate_rollout_phase", "1 for the phase a service is in, 0 for the others.",
-            ["service", "phase"], registry=r,
+            ["service", "phase"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.rollouts = Counter(
             "raygate_rollouts", "Rollouts that ended, by result.", ["service", "result"],

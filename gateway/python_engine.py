@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -205,7 +206,8 @@ class PythonGateway:
 
         path: str = scope["path"]
         if path == "/-/healthz":
-            await _json(send, 200, {"status": "ok"}, request_id)
+            # The pid tells which worker answered when several share the port.
+            await _json(send, 200, {"status": "ok", "pid": os.getpid()}, request_id)
             return
         if path == "/-/ready":
             ready = bool(self._table.routes) and not self._draining

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -62,40 +63,58 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket several gateway processes can share: the kernel spreads
+    connections over them (SO_REUSEPORT)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve_until_signal(
     gateway: PythonGateway,
-    admin: Any,
+    admin: Any | None,
     host: str,
     port: int,
     admin_port: int,
     drain_timeout_s: float,
+    data_socket: socket.socket | None = None,
 ) -> int:
-    """Serve the data plane and the admin app until SIGINT/SIGTERM, then shut down in order:
-    /-/ready turns 503 and the listeners close, in-flight requests and streams finish
-    (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
+    """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
+    in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
+    finish (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
     data_server = _Server(
         uvicorn.Config(gateway, host=host, port=port, lifespan="on", log_level="warning",
                        access_log=False, timeout_graceful_shutdown=int(drain_timeout_s))
     )  # fmt: skip
-    admin_server = _Server(
-        uvicorn.Config(admin, host=host, port=admin_port, log_level="warning",
-                       access_log=False, timeout_graceful_shutdown=5)
-    )  # fmt: skip
+    servers = [
+        asyncio.create_task(
+            data_server.serve(sockets=[data_socket] if data_socket else None), name="data-plane"
+        )
+    ]
+    admin_server = None
+    if admin is not None:
+        admin_server = _Server(
+            uvicorn.Config(admin, host=host, port=admin_port, log_level="warning",
+                           access_log=False, timeout_graceful_shutdown=5)
+        )  # fmt: skip
+        servers.append(asyncio.create_task(admin_server.serve(), name="admin-api"))
+        log.info("gateway on http://%s:%d, admin on http://%s:%d", host, port, host, admin_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    servers = [
-        asyncio.create_task(data_server.serve(), name="data-plane"),
-        asyncio.create_task(admin_server.serve(), name="admin-api"),
-    ]
-    log.info("gateway on http://%s:%d, admin API on http://%s:%d", host, port, host, admin_port)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([*servers, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     log.info("shutting down: draining the gateway")
     data_server.should_exit = True
-    admin_server.should_exit = True
+    if admin_server is not None:
+        admin_server.should_exit = True
     await gateway.drain(drain_timeout_s)
     for task in servers:
         with contextlib.suppress(BaseException):
@@ -155,6 +174,8 @@ class GatewayOnlySettings:
     timeout_s: float = 60.0
     max_body_bytes: int = 16 * 1024 * 1024
     drain_timeout_s: float = 30.0
+    workers: int = 1
+    serve_admin: bool = True  # False in the extra worker processes
 
 
 def standalone_table(routes: Sequence[tuple[str, str]], timeout_s: float) -> RouteTable:
@@ -170,17 +191,46 @@ def standalone_table(routes: Sequence[tuple[str, str]], timeout_s: float) -> Rou
     ))  # fmt: skip
 
 
-async def run_gateway(settings: GatewayOnlySettings) -> int:
-    """`raygate gateway`: the same data plane in front of endpoints raygate did not start."""
+async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str] = ()) -> int:
+    """`raygate gateway`: the same data plane in front of endpoints raygate did not start.
+
+    With several workers, every worker process binds the data port with SO_REUSEPORT, and
+    prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the CLI before
+    anything imports prometheus_client) sums their metrics on the one admin port.
+    `extra_workers` is the command line that starts one more worker process.
+    """
     metrics = Metrics()
     gateway = PythonGateway(GatewaySettings(max_body_bytes=settings.max_body_bytes), metrics)
     await gateway.apply(standalone_table(settings.routes, settings.timeout_s))
     metrics.set_weights(gateway.table.weights())
-    admin = create_metrics_app(metrics.registry)
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    admin = None
+    if settings.serve_admin:
+        registry = metrics.registry
+        if multiproc_dir:
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, multiproc_dir)  # type: ignore[no-untyped-call]
+        admin = create_metrics_app(registry)
+    sock = reuse_port_socket(settings.host, settings.port) if settings.workers > 1 else None
+    children = [
+        await asyncio.create_subprocess_exec(*extra_workers, stdin=asyncio.subprocess.DEVNULL)
+        for _ in range(settings.workers - 1)
+    ] if extra_workers else []  # fmt: skip
     try:
         return await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
-            settings.drain_timeout_s,
+            settings.drain_timeout_s, sock,
         )  # fmt: skip
     finally:
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            await child.wait()
         await gateway.close()
+        if multiproc_dir:  # every worker: its live-summed gauges leave with it
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), multiproc_dir)  # type: ignore[no-untyped-call]

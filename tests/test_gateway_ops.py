@@ -4,6 +4,8 @@ refusals, and the standalone `raygate gateway` process with its graceful shutdow
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -133,6 +135,14 @@ async def test_websocket_upgrade_is_refused_with_501(
 
 
 # ---- standalone process ------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _refused(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -189,3 +199,45 @@ def test_standalone_gateway_rejects_a_bad_route() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "expected /PREFIX=http://HOST:PORT" in out.stderr
+
+
+async def test_several_workers_share_the_port_and_sum_their_metrics(upstream: Upstream) -> None:
+    port, admin = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rollout.cli", "gateway", "--route", f"/svc={upstream.url}",
+        "--workers", "2", "--port", str(port), "--admin-port", str(admin),
+        "--log-level", "WARNING", cwd=ROOT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"http://127.0.0.1:{admin}/-/healthz")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "gateway did not come up"
+                await asyncio.sleep(0.1)
+            pids: set[int] = set()
+            # Fresh connections, so the kernel spreads them over both workers (bounded).
+            for _ in range(200):
+                async with httpx.AsyncClient(timeout=10, trust_env=False) as fresh:
+                    pids.add((await fresh.get(f"http://127.0.0.1:{port}/-/healthz")).json()["pid"])
+                if len(pids) == 2:
+                    break
+            assert len(pids) == 2, "both worker processes answer on the one port"
+            sent = 0
+            for _ in range(40):
+                async with httpx.AsyncClient(timeout=10, trust_env=False) as fresh:
+                    assert (await fresh.get(f"http://127.0.0.1:{port}/svc/w")).status_code == 200
+                    sent += 1
+            text = (await client.get(f"http://127.0.0.1:{admin}/metrics")).text
+            line = next(x for x in text.splitlines() if x.startswith("raygate_requests_total{"))
+            assert float(line.rsplit(" ", 1)[1]) == sent
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await until(lambda: _refused(port), 10)
+        await until(lambda: not any(_alive(pid) for pid in pids), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
