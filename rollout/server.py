@@ -63,6 +63,18 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
+def data_plane_config(
+    gateway: PythonGateway, host: str, port: int, drain_timeout_s: float = 30.0
+) -> uvicorn.Config:
+    """uvicorn as a proxy's front: the upstream's Server and Date headers pass through (no
+    duplicates), and a client's own X-Forwarded-For never replaces its address."""
+    return uvicorn.Config(
+        gateway, host=host, port=port, lifespan="on", log_level="warning", access_log=False,
+        timeout_graceful_shutdown=int(drain_timeout_s), server_header=False,
+        date_header=False, proxy_headers=False,
+    )  # fmt: skip
+
+
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket several gateway processes can share: the kernel spreads
     connections over them (SO_REUSEPORT)."""
@@ -87,10 +99,7 @@ async def serve_until_signal(
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
     in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
     finish (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
-    data_server = _Server(
-        uvicorn.Config(gateway, host=host, port=port, lifespan="on", log_level="warning",
-                       access_log=False, timeout_graceful_shutdown=int(drain_timeout_s))
-    )  # fmt: skip
+    data_server = _Server(data_plane_config(gateway, host, port, drain_timeout_s))
     servers = [
         asyncio.create_task(
             data_server.serve(sockets=[data_socket] if data_socket else None), name="data-plane"

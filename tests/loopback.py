@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
+from rollout.server import data_plane_config
 
 
 def free_port() -> int:
@@ -109,9 +110,7 @@ class Gate:
 async def gate() -> AsyncIterator[Gate]:
     engine = PythonGateway(GatewaySettings(max_body_bytes=1_000_000))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(engine, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
-    )
+    server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
     url = f"http://127.0.0.1:{port}"

@@ -177,3 +177,20 @@ async def test_ready_and_drain(gate: Gate, upstream: Upstream) -> None:
     upstream.release.set()
     assert await pending == 200
     await asyncio.wait_for(drained, 5)
+
+
+async def test_upstream_server_and_date_pass_through_once(gate: Gate, upstream: Upstream) -> None:
+    """uvicorn must not add its own Server/Date headers in front of the upstream's."""
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    r = await gate.client.get("/svc/x")
+    assert len(r.headers.get_list("server")) == 1 and "Python" in r.headers["server"]
+    assert len(r.headers.get_list("date")) == 1
+
+
+async def test_client_forwarded_for_is_appended_to_not_trusted(
+    gate: Gate, upstream: Upstream
+) -> None:
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    await gate.client.get("/svc/x", headers={"X-Forwarded-For": "6.6.6.6"})
+    seen = {k.lower(): v for k, v in upstream.seen_headers.items()}
+    assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"

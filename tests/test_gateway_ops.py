@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend
+from rollout.server import data_plane_config
 from tests.harness import ROOT
 from tests.loopback import Gate, Upstream, free_port, table, until
 
@@ -32,9 +33,7 @@ async def metered(upstream: Upstream) -> AsyncIterator[tuple[Gate, CollectorRegi
     registry = CollectorRegistry()
     engine = PythonGateway(GatewaySettings(max_header_bytes=8 * 1024), Metrics(registry))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(engine, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
-    )
+    server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
     url = f"http://127.0.0.1:{port}"
