@@ -38,24 +38,47 @@ def wait_for(what: str, check: Callable[[], T | None], within_s: float, every_s:
 
 
 def marked_processes(owner: str | None = None) -> dict[int, str]:
-    """pid -> RAYGATE_CLUSTER of every live process raygate started (read from /proc)."""
-    found: dict[int, str] = {}
+    """pid -> cluster of every live process raygate started (read from /proc, written
+    independently of the provider's own lookup). A process carrying the owner marker whose
+    cluster cannot be told (Ray's setproctitle may overwrite the environment block) counts,
+    as "?" unless an ancestor names its cluster, so nothing of ours is ever missed."""
+    parents: dict[int, int] = {}
+    named: dict[int, str] = {}
+    ours: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        pid = int(entry)
         try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        if state == "Z":
+        if fields[0] == "Z":
             continue
+        parents[pid] = int(fields[1])
         values = dict(v.split(b"=", 1) for v in env if b"=" in v)
-        if b"RAYGATE_CLUSTER" not in values:
+        if owner is None and b"RAYGATE_CLUSTER" not in values:
             continue
         if owner is not None and values.get(b"RAYGATE_OWNER", b"").decode() != owner:
             continue
-        found[int(entry)] = values[b"RAYGATE_CLUSTER"].decode()
+        ours.add(pid)
+        if values.get(b"RAYGATE_CLUSTER"):
+            named[pid] = values[b"RAYGATE_CLUSTER"].decode()
+    found: dict[int, str] = {}
+    for pid in parents:
+        walk, cluster = pid, None
+        for _ in range(64):
+            if walk in named:
+                cluster = named[walk]
+                break
+            walk = parents.get(walk, 0)
+            if walk <= 1:
+                break
+        if cluster is not None:
+            found[pid] = cluster
+        elif pid in ours:
+            found[pid] = "?"
     return found
 
 

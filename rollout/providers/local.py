@@ -202,23 +202,39 @@ class LocalProvider:
         return Liveness.DEAD
 
     def pids(self, cluster_id: str | None = None) -> dict[int, str]:
-        """pid -> cluster id of every live process carrying our owner marker."""
-        found: dict[int, str] = {}
+        """pid -> cluster id of every live process of our clusters.
+
+        A process belongs to a cluster when its environment names it, or when an ancestor's
+        does. The second rule matters: Ray rewrites the titles of workers and dashboard
+        modules (setproctitle), which can overwrite the environment block /proc shows. A
+        process with our owner marker whose cluster cannot be told is never claimed.
+        """
         owner = f"{OWNER_ENV}={self.owner}".encode()
         prefix = f"{CLUSTER_ENV}=".encode()
+        parents: dict[int, int] = {}
+        claimed: dict[int, str] = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
+            pid = int(entry)
             try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-            except OSError:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except (OSError, IndexError):
                 continue
+            if fields[0] == "Z":
+                continue
+            parents[pid] = int(fields[1])
             variables = environ.split(b"\0")
-            if owner not in variables:
-                continue
-            cid = next((v[len(prefix) :].decode() for v in variables if v.startswith(prefix)), "")
-            if cluster_id is None or cid == cluster_id:
-                found[int(entry)] = cid
+            if owner in variables:
+                raw = next((v[len(prefix) :] for v in variables if v.startswith(prefix)), b"")
+                if raw:
+                    claimed[pid] = raw.decode()
+        found: dict[int, str] = {}
+        for pid in parents:
+            cid = _claimed_ancestor(pid, parents, claimed)
+            if cid is not None and (cluster_id is None or cid == cluster_id):
+                found[pid] = cid
         return found
 
     # ---- delete ---------------------------------------------------------------------
@@ -261,6 +277,18 @@ class LocalProvider:
             log.warning("stopping orphan Ray cluster %s", cid)
             await self._stop(cid)
         return strays
+
+
+def _claimed_ancestor(pid: int, parents: dict[int, int], claimed: dict[int, str]) -> str | None:
+    """The cluster of `pid` or of its nearest claimed ancestor (bounded walk up the tree)."""
+    for _ in range(64):
+        if pid in claimed:
+            return claimed[pid]
+        parent = parents.get(pid)
+        if parent is None or parent <= 1:
+            return None
+        pid = parent
+    return None
 
 
 def _is_gcs(pid: int) -> bool:
