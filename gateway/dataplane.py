@@ -16,7 +16,7 @@ class DataPlane(Protocol):
     async def apply(self, table: RouteTable) -> None:
         """Make `table` the one new requests are routed by. Returns once it is in force."""
 
-    def in_flight(self) -> Mapping[str, int]:
+    async def in_flight(self) -> Mapping[str, int]:
         """Requests in flight per cluster name, right now."""
 
     async def drain(self, timeout_s: float) -> None:

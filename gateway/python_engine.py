@@ -106,7 +106,10 @@ class PythonGateway:
     def table(self) -> RouteTable:
         return self._table
 
-    def in_flight(self) -> Mapping[str, int]:
+    async def in_flight(self) -> Mapping[str, int]:
+        return self.in_flight_now()
+
+    def in_flight_now(self) -> dict[str, int]:
         return dict(self._in_flight)
 
     async def drain(self, timeout_s: float) -> None:
@@ -219,7 +222,7 @@ class PythonGateway:
             if header_bytes > self.settings.max_header_bytes:
                 raise _Rejected(431, f"request headers over {self.settings.max_header_bytes} bytes")
             if route is None:
-                raise _Rejected(404, f"no route for path {path!r}")
+                raise _Rejected(404, f"no route for path {path}")
             await self._proxy(scope, receive, send, route, headers, request_id)
         except _Rejected as rejected:
             extra = []

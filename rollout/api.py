@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import yaml
@@ -90,7 +90,7 @@ def create_admin_app(
     store: Store,
     token: str,
     wake: Callable[[str], None],
-    in_flight: Callable[[], Mapping[str, int]],
+    in_flight: Callable[[], Awaitable[Mapping[str, int]]],
     metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     app = FastAPI(title="raygate admin API", version="1")
@@ -135,13 +135,13 @@ def create_admin_app(
         return JSONResponse(body_out, 200 if unchanged else 202)
 
     @app.get("/v1/services", dependencies=guarded)
-    def list_services() -> list[dict[str, Any]]:
-        flights = in_flight()
+    async def list_services() -> list[dict[str, Any]]:
+        flights = await in_flight()
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
     @app.get("/v1/services/{name}", dependencies=guarded)
-    def get_service(name: str) -> dict[str, Any]:
-        status = status_of(store, name, in_flight())
+    async def get_service(name: str) -> dict[str, Any]:
+        status = status_of(store, name, await in_flight())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status

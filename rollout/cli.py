@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="data plane port")
     up.add_argument("--admin-port", type=int, default=8001)
     up.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
-    up.add_argument("--engine", choices=["python"], default="python")
+    up.add_argument(
+        "--engine",
+        choices=["python", "haproxy"],
+        default="python",
+        help="data plane: python (default) or the HAProxy that ray[serve] ships",
+    )
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
 
@@ -61,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--admin-port", type=int, default=8001, help="/metrics and /-/healthz")
     gw.add_argument("--timeout", type=float, default=60.0, help="per-route upstream timeout")
     gw.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
-    gw.add_argument("--workers", type=int, default=1, help="processes sharing the data port")
+    gw.add_argument("--engine", choices=["python", "haproxy"], default="python")
+    gw.add_argument(
+        "--workers", type=int, default=1, help="python engine: processes sharing the data port"
+    )
     gw.add_argument("--log-level", default="INFO")
     gw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # an extra worker
     gw.set_defaults(func=_gateway)
@@ -111,6 +119,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"raygate: invalid spec: {exc}", file=sys.stderr)
         return 2
     settings = UpSettings(
+        engine=args.engine,
         state_dir=args.state_dir,
         host=args.host,
         port=args.port,
@@ -133,6 +142,9 @@ def _gateway(args: argparse.Namespace) -> int:
     )
     metrics_dir = None
     extra: list[str] = []
+    if args.engine == "haproxy" and args.workers > 1:
+        print("raygate: --workers is for the python engine; HAProxy uses threads", file=sys.stderr)
+        return 2
     if args.workers > 1 and not args.worker:
         # Before anything imports prometheus_client: every worker writes its metrics here.
         import tempfile
@@ -145,7 +157,7 @@ def _gateway(args: argparse.Namespace) -> int:
     settings = GatewayOnlySettings(
         routes=tuple(routes), host=args.host, port=args.port, admin_port=args.admin_port,
         timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, workers=args.workers,
-        serve_admin=not args.worker,
+        serve_admin=not args.worker, engine=args.engine,
     )  # fmt: skip
     try:
         return _run(run_gateway(settings, extra))

@@ -72,13 +72,21 @@ def route_table(
     specs_of: Callable[[str, int], ServiceSpec],
     clusters: Mapping[str, ClusterInfo],
 ) -> RouteTable:
-    """Derive the gateway's routes from every service's state: one pure function."""
+    """Derive the gateway's routes from every service's state: one pure function.
+
+    Every cluster a service holds is in the table, weight 0 included: a pending cluster is
+    already known to the engine when traffic switches (for HAProxy, a runtime weight change,
+    no reload), and a retiring one stays visible while its in-flight requests drain.
+    """
     by_prefix: dict[str, Route] = {}
     for name, state in sorted(states.items()):
+        fallback = state.active.revision if state.active else None
+        if fallback is None and state.pending is not None:
+            fallback = state.pending.revision
         for cluster, weight in state.traffic().items():
             info = clusters.get(cluster)
-            revision = state.expected_revision(cluster)
-            if weight <= 0 or info is None or revision is None:
+            revision = state.expected_revision(cluster) or fallback
+            if info is None or revision is None:
                 continue
             spec = specs_of(name, revision)
             for app, prefix in spec.app_routes().items():
@@ -254,7 +262,7 @@ class Controller:
         }
 
     async def observe(self, state: ServiceState, revisions: Mapping[int, Revision]) -> Observation:
-        in_flight = self.dataplane.in_flight()
+        in_flight = await self.dataplane.in_flight()
         out: dict[str, ClusterObservation] = {}
         for cid in state.clusters():
             record = self.store.cluster(cid)

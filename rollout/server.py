@@ -10,8 +10,10 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
@@ -41,6 +45,7 @@ class UpSettings:
     admin_port: int = 8001
     drain_timeout_s: float = 30.0
     token: str | None = None  # RAYGATE_TOKEN, read by the CLI
+    engine: str = "python"  # or "haproxy"
 
 
 class _Server(uvicorn.Server):
@@ -87,8 +92,24 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+Engine = PythonGateway | HAProxyEngine
+
+
+def make_engine(
+    name: str, metrics: Metrics, work_dir: Path, host: str, port: int, max_body_bytes: int,
+    health_path: str | None,
+) -> Engine:  # fmt: skip
+    if name == "haproxy":
+        return HAProxyEngine(
+            HAProxySettings(work_dir / "haproxy", host=host, port=port,
+                            max_body_bytes=max_body_bytes, health_path=health_path),
+            metrics,
+        )  # fmt: skip
+    return PythonGateway(GatewaySettings(max_body_bytes=max_body_bytes), metrics)
+
+
 async def serve_until_signal(
-    gateway: PythonGateway,
+    gateway: Engine,
     admin: Any | None,
     host: str,
     port: int,
@@ -99,12 +120,15 @@ async def serve_until_signal(
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
     in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
     finish (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
-    data_server = _Server(data_plane_config(gateway, host, port, drain_timeout_s))
-    servers = [
-        asyncio.create_task(
-            data_server.serve(sockets=[data_socket] if data_socket else None), name="data-plane"
+    servers = []
+    data_server = None
+    if isinstance(gateway, PythonGateway):
+        data_server = _Server(data_plane_config(gateway, host, port, drain_timeout_s))
+        servers.append(
+            asyncio.create_task(
+                data_server.serve(sockets=[data_socket] if data_socket else None), name="data"
+            )
         )
-    ]
     admin_server = None
     if admin is not None:
         admin_server = _Server(
@@ -118,10 +142,14 @@ async def serve_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([*servers, stopper], return_when=asyncio.FIRST_COMPLETED)
+    watch = [*servers, stopper]
+    if isinstance(gateway, HAProxyEngine) and gateway.supervisor is not None:
+        watch.append(gateway.supervisor)  # it ends only if HAProxy cannot be restarted
+    await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     log.info("shutting down: draining the gateway")
-    data_server.should_exit = True
+    if data_server is not None:
+        data_server.should_exit = True
     if admin_server is not None:
         admin_server.should_exit = True
     await gateway.drain(drain_timeout_s)
@@ -145,7 +173,9 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     metrics = Metrics()
     store = Store(state_dir / "raygate.db")
     provider = LocalProvider(LocalSettings(state_dir))
-    gateway = PythonGateway(metrics=metrics)
+    # The Serve proxy's own health endpoint is what HAProxy checks on each cluster.
+    gateway = make_engine(settings.engine, metrics, state_dir, settings.host, settings.port,
+                          16 * 1024 * 1024, "/-/healthz")  # fmt: skip
     http = httpx.AsyncClient(trust_env=False)
     controller = Controller(store, provider, gateway, http, metrics=metrics)
     admin = create_admin_app(
@@ -153,6 +183,8 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     )
     code = 1
     try:
+        if isinstance(gateway, HAProxyEngine):
+            await gateway.start()  # before the controller applies its first route table
         await controller.start()
         for spec in specs:
             revision, unchanged = store.push(spec, time.time())
@@ -185,6 +217,7 @@ class GatewayOnlySettings:
     drain_timeout_s: float = 30.0
     workers: int = 1
     serve_admin: bool = True  # False in the extra worker processes
+    engine: str = "python"
 
 
 def standalone_table(routes: Sequence[tuple[str, str]], timeout_s: float) -> RouteTable:
@@ -209,8 +242,13 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
     `extra_workers` is the command line that starts one more worker process.
     """
     metrics = Metrics()
-    gateway = PythonGateway(GatewaySettings(max_body_bytes=settings.max_body_bytes), metrics)
-    await gateway.apply(standalone_table(settings.routes, settings.timeout_s))
+    work_dir = Path(tempfile.mkdtemp(prefix="rg-gw-"))
+    gateway = make_engine(settings.engine, metrics, work_dir, settings.host, settings.port,
+                          settings.max_body_bytes, None)  # fmt: skip
+    table = standalone_table(settings.routes, settings.timeout_s)
+    if isinstance(gateway, HAProxyEngine):
+        await gateway.start()
+    await gateway.apply(table)
     metrics.set_weights(gateway.table.weights())
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     admin = None
@@ -239,6 +277,7 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
         for child in children:
             await child.wait()
         await gateway.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
         if multiproc_dir:  # every worker: its live-summed gauges leave with it
             from prometheus_client import multiprocess
 

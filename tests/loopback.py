@@ -4,16 +4,20 @@ endless endpoints, and the Python gateway under uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from aiohttp import web
 
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
 from rollout.server import data_plane_config
@@ -101,23 +105,60 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 @dataclass
 class Gate:
-    engine: PythonGateway
+    engine: PythonGateway | HAProxyEngine
     url: str
     client: httpx.AsyncClient
+    kind: str = "python"
 
 
-@pytest.fixture
-async def gate() -> AsyncIterator[Gate]:
-    engine = PythonGateway(GatewaySettings(max_body_bytes=1_000_000))
+ENGINES = ["python", "haproxy"]
+
+
+@pytest.fixture(params=ENGINES)
+async def gate(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Gate]:
+    """The same data plane tests run against each engine."""
     port = free_port()
-    server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
+    url = f"http://127.0.0.1:{port}"
+    if request.param == "haproxy":
+        engine = HAProxyEngine(
+            HAProxySettings(tmp_path / "hx", port=port, max_body_bytes=1_000_000,
+                            max_header_bytes=8 * 1024)
+        )  # fmt: skip
+        await engine.start()
+        async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+            yield Gate(engine, url, client, "haproxy")
+        await engine.drain(10)
+        return
+    async with python_gate() as gate:
+        yield gate
+
+
+@contextlib.asynccontextmanager
+async def python_gate() -> AsyncIterator[Gate]:
+    """The Python engine alone, for what only it does."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    py = PythonGateway(GatewaySettings(max_body_bytes=1_000_000, max_header_bytes=8 * 1024))
+    server = uvicorn.Server(data_plane_config(py, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
-        yield Gate(engine, url, client)
-    server.should_exit = True
-    await task
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+            yield Gate(py, url, client, "python")
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def flights(gate: Gate) -> dict[str, int]:
+    return dict(await gate.engine.in_flight())
+
+
+async def until_flights(gate: Gate, expected: dict[str, int], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (seen := await flights(gate)) != expected:
+        assert time.monotonic() < deadline, f"in flight {seen}, expected {expected}"
+        await asyncio.sleep(0.02)
 
 
 def table(*backends: Backend, prefix: str = "/svc", timeout: float = 60.0) -> RouteTable:

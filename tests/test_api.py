@@ -37,7 +37,11 @@ def store(tmp_path: Path) -> Store:
 @pytest.fixture
 async def client(store: Store) -> AsyncIterator[httpx.AsyncClient]:
     woken: list[str] = []
-    app = create_admin_app(store, TOKEN, woken.append, lambda: {"c1": 2})
+
+    async def in_flight() -> dict[str, int]:
+        return {"c1": 2}
+
+    app = create_admin_app(store, TOKEN, woken.append, in_flight)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport,

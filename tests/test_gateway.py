@@ -4,13 +4,36 @@ gateway under uvicorn. Streaming, retries, timeouts, limits, headers, in-flight 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
 
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine
 from gateway.routes import Backend, Route, RouteTable
-from tests.loopback import Gate, Upstream, free_port, table, until
+from tests.loopback import (
+    Gate,
+    Upstream,
+    flights,
+    free_port,
+    python_gate,
+    table,
+    until,
+    until_flights,
+)
+
+
+async def fresh_get(gate: Gate, path: str) -> httpx.Response:
+    """A request on a new connection. After a topology change HAProxy reloads, and its old
+    worker answers one last request on each kept-alive connection with the old table
+    (`idle-close-on-response`: the price of never resetting a connection under a client)."""
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as fresh:
+        return await fresh.get(gate.url + path)
 
 
 async def test_route_table_longest_prefix_and_boundaries() -> None:
@@ -39,7 +62,7 @@ async def test_weighted_pick_respects_zero_and_exclude() -> None:
 async def test_unknown_prefix_is_404_json_with_request_id(gate: Gate) -> None:
     r = await gate.client.get("/nowhere", headers={"x-request-id": "abc"})
     assert r.status_code == 404
-    assert r.json() == {"error": "no route for path '/nowhere'", "request_id": "abc"}
+    assert r.json() == {"error": "no route for path /nowhere", "request_id": "abc"}
     assert r.headers["x-request-id"] == "abc"
 
 
@@ -66,7 +89,7 @@ async def test_proxies_method_query_body_and_headers(gate: Gate, upstream: Upstr
     assert seen["x-forwarded-for"] == "127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
     assert seen["x-forwarded-host"].startswith("127.0.0.1:")
-    assert len(seen["x-request-id"]) == 32
+    assert len(seen["x-request-id"]) == 32 and "connection" not in seen
     assert r.headers["x-request-id"] == seen["x-request-id"]
     assert r.headers["x-upstream"] == "yes" and "keep-alive" not in r.headers
 
@@ -82,17 +105,33 @@ async def test_large_chunked_request_body_streams_through(gate: Gate, upstream: 
     assert r.json()["size"] == 500_000
 
 
-async def test_body_limits_are_413(gate: Gate, upstream: Upstream) -> None:
+async def test_body_over_the_limit_is_413(gate: Gate, upstream: Upstream) -> None:
+    """Answered from Content-Length, before the body is read. A raw client sends only the
+    start of the body, so no connection reset can race the answer."""
     await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
-    r = await gate.client.post("/svc/x", content=b"a" * 1_000_001)
-    assert r.status_code == 413 and "request_id" in r.json()
+    host, port = gate.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /svc/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000001\r\n\r\n")
+    writer.write(b"a" * 1000)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b"x-request-id" in head.lower()
 
-    async def body() -> AsyncIterator[bytes]:
-        for _ in range(30):
-            yield b"b" * 50_000
 
-    r = await gate.client.post("/svc/x", content=body())
-    assert r.status_code == 413
+async def test_python_engine_limits_chunked_bodies_too(upstream: Upstream, tmp_path: Path) -> None:
+    """Python engine only: HAProxy cannot count a chunked body without buffering it whole,
+    so its limit applies to Content-Length (see the README)."""
+    async with python_gate() as gate:
+        await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(30):
+                yield b"b" * 50_000
+
+        r = await gate.client.post("/svc/x", content=body())
+        assert r.status_code == 413
 
 
 async def test_first_chunk_arrives_before_upstream_finishes(gate: Gate, upstream: Upstream) -> None:
@@ -102,11 +141,11 @@ async def test_first_chunk_arrives_before_upstream_finishes(gate: Gate, upstream
         first = await asyncio.wait_for(chunks.__anext__(), 5)
         assert first == b"data: first\n\n"
         assert not upstream.stream_done, "the upstream is still holding the rest"
-        assert gate.engine.in_flight() == {"c1": 1}
+        assert await flights(gate) == {"c1": 1}
         upstream.release.set()
         rest = b"".join([c async for c in chunks])
     assert rest == b"data: second\n\n"
-    await until(lambda: gate.engine.in_flight() == {})
+    await until_flights(gate, {})
 
 
 async def test_connect_failure_is_retried_on_another_cluster(
@@ -117,9 +156,11 @@ async def test_connect_failure_is_retried_on_another_cluster(
     codes = [(await gate.client.post("/svc/x", content=b"{}")).status_code for _ in range(40)]
     assert codes == [200] * 40
     await gate.engine.apply(table(Backend("dead", dead, 1)))
-    r = await gate.client.get("/svc/x")
-    assert r.status_code == 502 and "refused" in r.json()["error"]
-    assert gate.engine.in_flight() == {}
+    r = await fresh_get(gate, "/svc/x")
+    assert r.status_code == 502 and r.json()["request_id"] == r.headers["x-request-id"]
+    if gate.kind == "python":
+        assert "refused" in r.json()["error"]
+    assert await flights(gate) == {}
 
 
 async def test_slow_upstream_is_504(gate: Gate, upstream: Upstream) -> None:
@@ -137,15 +178,18 @@ async def test_client_disconnect_cancels_upstream_and_frees_in_flight(
     async with gate.client.stream("GET", "/svc/forever") as r:
         chunks = r.aiter_raw()
         await asyncio.wait_for(chunks.__anext__(), 5)
-        assert gate.engine.in_flight() == {"c1": 1}
+        assert await flights(gate) == {"c1": 1}
     # Leaving the block closes the connection mid-stream.
-    await until(lambda: gate.engine.in_flight() == {})
+    await until_flights(gate, {})
     await until(lambda: upstream.stream_aborted)
 
 
 async def test_switch_is_atomic_and_old_requests_finish(gate: Gate, upstream: Upstream) -> None:
-    """A request that started on the old cluster finishes there after the table switches."""
-    await gate.engine.apply(table(Backend("old", upstream.url, 1)))
+    """A request that started on the old cluster finishes there after the table switches.
+
+    As the controller does it: the new cluster is in the table at weight 0 first, then the
+    switch is a change of weights only."""
+    await gate.engine.apply(table(Backend("old", upstream.url, 1), Backend("new", upstream.url, 0)))
     async with gate.client.stream("GET", "/svc/stream") as r:
         chunks = r.aiter_raw()  # keep it: a collected iterator closes the response
         await asyncio.wait_for(chunks.__anext__(), 5)
@@ -153,26 +197,31 @@ async def test_switch_is_atomic_and_old_requests_finish(gate: Gate, upstream: Up
                                       Backend("new", upstream.url, 1)))  # fmt: skip
         r2 = await gate.client.get("/svc/after")
         assert r2.status_code == 200
-        assert gate.engine.in_flight() == {"old": 1}
+        assert await flights(gate) == {"old": 1}
         upstream.release.set()
         assert b"".join([c async for c in chunks]) == b"data: second\n\n"
-    await until(lambda: gate.engine.in_flight() == {})
+    await until_flights(gate, {})
 
 
 async def test_ready_and_drain(gate: Gate, upstream: Upstream) -> None:
     assert (await gate.client.get("/-/healthz")).status_code == 200
     assert (await gate.client.get("/-/ready")).status_code == 503  # no routes yet
     await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
-    assert (await gate.client.get("/-/ready")).status_code == 200
+    assert (await fresh_get(gate, "/-/ready")).status_code == 200
 
     async def slow_request() -> int:
-        return (await gate.client.get("/svc/stream")).status_code
+        return (await fresh_get(gate, "/svc/stream")).status_code
 
     pending = asyncio.create_task(slow_request())
-    await until(lambda: gate.engine.in_flight() == {"c1": 1})
+    await until_flights(gate, {"c1": 1})
     drained = asyncio.create_task(gate.engine.drain(5))
-    await until(lambda: True)
-    assert (await gate.client.get("/-/ready")).status_code == 503
+    await asyncio.sleep(0.3)
+    # Draining: the Python engine answers /-/ready with 503, HAProxy closes its listener.
+    try:
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as fresh:
+            assert (await fresh.get(gate.url + "/-/ready")).status_code == 503
+    except httpx.ConnectError:
+        assert gate.kind == "haproxy"
     assert not drained.done()
     upstream.release.set()
     assert await pending == 200
@@ -194,3 +243,85 @@ async def test_client_forwarded_for_is_appended_to_not_trusted(
     await gate.client.get("/svc/x", headers={"X-Forwarded-For": "6.6.6.6"})
     seen = {k.lower(): v for k, v in upstream.seen_headers.items()}
     assert seen["x-forwarded-for"] == "6.6.6.6, 127.0.0.1"
+
+
+# ---- HAProxy engine only: what comes from running a separate process ------------------------
+@pytest.fixture
+async def haproxy(tmp_path: Path) -> AsyncIterator[HAProxyEngine]:
+    engine = HAProxyEngine(HAProxySettings(tmp_path / "hx", port=free_port()))
+    await engine.start()
+    yield engine
+    await engine.drain(10)
+
+
+async def test_haproxy_reloads_under_keepalive_load_drop_nothing(
+    haproxy: HAProxyEngine, upstream: Upstream
+) -> None:
+    """A topology change reloads HAProxy; clients on kept-alive connections must not see it."""
+    base = (Backend("a", upstream.url, 1),)
+    await haproxy.apply(table(*base))
+    url = f"http://127.0.0.1:{haproxy.settings.port}/svc/x"
+    outcomes: list[str] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as c:
+            while not stop.is_set():
+                try:
+                    r = await c.post(url, content=b"{}")
+                    outcomes.append("ok" if r.status_code == 200 else str(r.status_code))
+                except httpx.HTTPError as exc:
+                    outcomes.append(repr(exc))
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    await until(lambda: len(outcomes) > 100, 10)
+    for i in range(10):
+        extra = (Backend(f"x{i}", upstream.url, 0),) if i % 2 == 0 else ()
+        await haproxy.apply(table(*base, *extra))
+        await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*clients)
+    failures = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) > 500 and not failures, f"{len(failures)}/{len(outcomes)}: {failures[:5]}"
+
+
+async def test_haproxy_weight_change_applies_within_50ms(
+    haproxy: HAProxyEngine, upstream: Upstream
+) -> None:
+    await haproxy.apply(table(Backend("a", upstream.url, 1), Backend("b", upstream.url, 0)))
+    started = time.perf_counter()
+    await haproxy.apply(table(Backend("a", upstream.url, 0), Backend("b", upstream.url, 1)))
+    took = time.perf_counter() - started
+    assert took < 0.05, f"weight change took {took * 1000:.1f} ms"
+    for pid in await haproxy.workers():  # in force in HAProxy itself, without a reload
+        assert (await haproxy.master(f"@!{pid} get weight be_0/s0")).startswith("0 ")
+        assert (await haproxy.master(f"@!{pid} get weight be_0/s1")).startswith("1 ")
+
+
+async def until_flights_of(engine: HAProxyEngine, expected: dict[str, int]) -> None:
+    deadline = time.monotonic() + 5
+    while dict(await engine.in_flight()) != expected:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_haproxy_that_dies_is_restarted_with_current_weights(
+    haproxy: HAProxyEngine, upstream: Upstream
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    await haproxy.apply(table(Backend("a", dead, 0), Backend("b", upstream.url, 1)))
+    first = haproxy.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: haproxy.pid not in (None, first), 15)
+    url = f"http://127.0.0.1:{haproxy.settings.port}/svc/x"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
+                codes = [(await c.get(url)).status_code for _ in range(10)]
+            break
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, "haproxy did not come back"
+            await asyncio.sleep(0.1)
+    assert codes == [200] * 10, "weights survived the restart: nothing went to 'a'"

