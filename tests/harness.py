@@ -88,6 +88,7 @@ class Raygate:
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     token: str = "e2e-token"
+    engine: str = "python"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -115,7 +116,7 @@ class Raygate:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rollout.cli", "up", *map(str, specs),
              "--state-dir", str(self.state_dir), "--port", str(self.port),
-             "--admin-port", str(self.admin_port)],
+             "--admin-port", str(self.admin_port), "--engine", self.engine],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
