@@ -6,6 +6,7 @@ Targets, measured with wrk (-t1) at 32 connections and at 1, GET and a 2 KiB POS
   nginx    wrk -> nginx reverse proxy (keepalive 64) -> upstream
   raygate  wrk -> `raygate gateway` (one worker) -> upstream
   raygate2 wrk -> `raygate gateway --workers 2` -> upstream
+  haproxy  wrk -> `raygate gateway --engine haproxy` -> upstream
 Rounds are interleaved (every target once per round) and medians are reported, so a noisy
 moment on this 2-core machine does not favour one target.
 """
@@ -136,9 +137,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rg-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        up_port, proxy_port, rg_port, rg_admin, rg2_port, rg2_admin = (
-            free_port() for _ in range(6)
-        )
+        ports = [free_port() for _ in range(8)]
+        up_port, proxy_port, rg_port, rg_admin, rg2_port, rg2_admin, hx_port, hx_admin = ports
         for name, body in (
             ("upstream", UPSTREAM.format(port=up_port, text=BODY_100.replace("\n", "\\n"))),
             ("proxy", PROXY.format(port=proxy_port, upstream=up_port)),
@@ -147,31 +147,17 @@ def main() -> int:
             conf.write_text(NGINX_CONF.format(dir=work, name=name, body=body))
             procs.append(subprocess.Popen(["nginx", "-p", str(work), "-c", str(conf)]))
         gateways = {}
-        for name, port, admin, workers in (
-            ("raygate", rg_port, rg_admin, 1),
-            ("raygate2", rg2_port, rg2_admin, 2),
+        for name, port, admin, extra in (
+            ("raygate", rg_port, rg_admin, []),
+            ("raygate2", rg2_port, rg2_admin, ["--workers", "2"]),
+            ("haproxy", hx_port, hx_admin, ["--engine", "haproxy"]),
         ):
-            gateways[name] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "rollout.cli",
-                    "gateway",
-                    "--route",
-                    f"/=http://127.0.0.1:{up_port}",
-                    "--workers",
-                    str(workers),
-                    "--port",
-                    str(port),
-                    "--admin-port",
-                    str(admin),
-                    "--log-level",
-                    "WARNING",
-                ],
-                cwd=ROOT,
-            )
+            cmd = [sys.executable, "-m", "rollout.cli", "gateway", "--route",
+                   f"/=http://127.0.0.1:{up_port}", *extra, "--port", str(port),
+                   "--admin-port", str(admin), "--log-level", "WARNING"]  # fmt: skip
+            gateways[name] = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
             procs.append(gateways[name])  # fmt: skip
-        for port in (up_port, proxy_port, rg_port, rg2_port):
+        for port in (up_port, proxy_port, rg_port, rg2_port, hx_port):
             wait_port(port)
         post = work / "post.lua"
         post.write_text(POST_LUA)
@@ -181,6 +167,7 @@ def main() -> int:
             "nginx": f"http://127.0.0.1:{proxy_port}/svc",
             "raygate": f"http://127.0.0.1:{rg_port}/svc",
             "raygate2": f"http://127.0.0.1:{rg2_port}/svc",
+            "haproxy": f"http://127.0.0.1:{hx_port}/svc",
         }
         cases = [("GET", 32, None), ("GET", 1, None), ("POST 2KiB", 32, post),
                  ("POST 2KiB", 1, post)]  # fmt: skip
@@ -224,16 +211,18 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
     for method, conns in (("GET", 32), ("GET", 1), ("POST 2KiB", 32), ("POST 2KiB", 1)):
         direct = med("direct", method, conns)
         nginx = med("nginx", method, conns)
-        for target in ("direct", "nginx", "raygate", "raygate2"):
+        for target in ("direct", "nginx", "raygate", "raygate2", "haproxy"):
             r = med(target, method, conns)
             case = f"{method} c{conns}"
             print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}"
                   f"{r.p99_ms:>9.3f}{r.rps / direct.rps:>10.1%}"
                   f"{r.rps / nginx.rps:>10.1%}")  # fmt: skip
     for method in ("GET", "POST 2KiB"):
-        d, n, g = (med(t, method, 1) for t in ("direct", "nginx", "raygate"))
-        print(f"\nadded p50 at 1 connection, {method}: raygate +{g.p50_ms - d.p50_ms:.3f} ms, "
-              f"nginx +{n.p50_ms - d.p50_ms:.3f} ms")  # fmt: skip
+        d, n, g, h = (med(t, method, 1) for t in ("direct", "nginx", "raygate", "haproxy"))
+        print(
+            f"\nadded p50 at 1 connection, {method}: raygate +{g.p50_ms - d.p50_ms:.3f} ms, "
+            f"haproxy engine +{h.p50_ms - d.p50_ms:.3f} ms, nginx +{n.p50_ms - d.p50_ms:.3f} ms"
+        )
     print(f"raygate gateway RSS (one worker): max {max(rss):.0f} MB over the run")
 
 

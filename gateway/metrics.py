@@ -7,6 +7,7 @@ never raw paths, so cardinality stays bounded by the number of services and clus
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -70,6 +71,7 @@ class Metrics:
             ["step"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self._routes: dict[tuple[str, str, str], _RouteMetrics] = {}
+        self._weight_labels: set[tuple[str, str]] = set()
 
     # ---- data plane -------------------------------------------------------------------
     def observe_request(
@@ -102,10 +104,17 @@ class Metrics:
 
     # ---- control plane ----------------------------------------------------------------
     def set_weights(self, weights: dict[str, dict[str, int]]) -> None:
-        self.traffic_weight.clear()
+        current = {(s, c) for s, per in weights.items() for c in per}
+        for gone in self._weight_labels - current:
+            # Several workers (multiprocess mode) cannot remove a series: it reads 0 instead.
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self.traffic_weight.labels(*gone).set(0)
+            else:
+                self.traffic_weight.remove(*gone)
         for service, per in weights.items():
             for cluster, weight in per.items():
                 self.traffic_weight.labels(service, cluster).set(weight)
+        self._weight_labels = current
 
     def set_phase(self, service: str, phase: str, phases: tuple[str, ...]) -> None:
         for p in phases:
