@@ -53,6 +53,24 @@ class HAProxyError(Exception):
     pass
 
 
+async def _ask(socket_path: Path, line: str, command: str) -> str:
+    """Send one line to a HAProxy CLI socket and read the answer to EOF. `set` commands
+    answer nothing when they succeed, so any text after one is HAProxy refusing it."""
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    try:
+        writer.write(line.encode() + b"\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    text = data.decode(errors="replace")
+    if command.startswith("set ") and text.strip():
+        raise HAProxyError(f"haproxy refused {line!r}: {text.strip()}")
+    return text
+
+
 class HAProxyEngine:
     def __init__(self, settings: HAProxySettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -188,40 +206,15 @@ class HAProxyEngine:
         return out
 
     # ---- runtime API ----------------------------------------------------------------------
-    async def command(self, line: str, socket_path: Path | None = None) -> str:
-        reader, writer = await asyncio.open_unix_connection(
-            str(socket_path or self.settings.admin_socket)
-        )
-        try:
-            writer.write(line.encode() + b"\n")
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 10)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        text = data.decode(errors="replace")
-        if line.startswith("set ") and text.strip():
-            raise HAProxyError(f"haproxy refused {line!r}: {text.strip()}")
-        return text
+    async def command(self, line: str) -> str:
+        """A command to the current worker's runtime API socket."""
+        return await _ask(self.settings.admin_socket, line, line)
 
     async def master(self, line: str) -> str:
-        """A master CLI command. The master keeps a connection open after most answers;
-        a trailing `quit` closes it, so the answer ends at EOF (sub-millisecond here)."""
-        reader, writer = await asyncio.open_unix_connection(str(self.settings.master_socket))
-        try:
-            writer.write(line.encode() + b";quit\n")
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 10)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        text = data.decode(errors="replace")
+        """A master CLI command, `@!<pid> ...` for one worker. The master keeps a connection
+        open after most answers; a trailing `quit` closes it, so the answer ends at EOF."""
         command = line.split(" ", 1)[1] if line.startswith("@!") else line
-        if command.startswith("set ") and text.strip():
-            raise HAProxyError(f"haproxy refused {line!r}: {text.strip()}")
-        return text
+        return await _ask(self.settings.master_socket, line + ";quit", command)
 
     async def workers(self) -> list[int]:
         """pids of the current worker and of old ones still finishing their requests."""

@@ -3,6 +3,7 @@ read status through the admin API, and generate bounded load through the gateway
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -228,3 +229,20 @@ class Load:
 
     def wait_for_requests(self, n: int, within_s: float = 60) -> None:
         wait_for(f"{n} requests", lambda: len(self.outcomes) >= n, within_s, 0.1)
+
+
+@contextlib.contextmanager
+def running_raygate(state_dir: Path, engine: str = "python") -> Iterator[Raygate]:
+    """`raygate up` with the digits v1 spec; stopped afterwards, and no Ray process of its may
+    outlive it, even when a test failed."""
+    gate = Raygate(state_dir, engine=engine)
+    gate.start(EXAMPLES / "v1.yaml")
+    try:
+        yield gate
+    finally:
+        if gate.proc is not None:
+            gate.kill(signal.SIGTERM)
+        leftover = marked_processes(gate.owner)
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftover, f"raygate left Ray processes behind: {leftover}"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EXAMPLES, Load, Raygate, marked_processes, wait_for
-from tests.test_e2e_ray import live_cluster, no_failures
+from tests.harness import EXAMPLES, Raygate, marked_processes, running_raygate, wait_for
+from tests.test_e2e_ray import assert_clean_switch, live_cluster, no_failures, push_under_load
 
 pytestmark = pytest.mark.ray
 
@@ -21,17 +21,8 @@ SPECS = Path(__file__).resolve().parent / "specs"
 
 @pytest.fixture(scope="module")
 def rg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Raygate]:
-    gate = Raygate(tmp_path_factory.mktemp("e2e-haproxy") / "state", engine="haproxy")
-    gate.start(EXAMPLES / "v1.yaml")
-    try:
+    with running_raygate(tmp_path_factory.mktemp("e2e-haproxy") / "state", "haproxy") as gate:
         yield gate
-    finally:
-        if gate.proc is not None:
-            gate.kill(signal.SIGTERM)
-        leftover = marked_processes(gate.owner)
-        for pid in leftover:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftover, f"raygate left Ray processes behind: {leftover}"
 
 
 def test_first_deploy_through_haproxy(rg: Raygate) -> None:
@@ -42,30 +33,14 @@ def test_first_deploy_through_haproxy(rg: Raygate) -> None:
 
 def test_blue_green_through_haproxy_with_zero_failures(rg: Raygate) -> None:
     old = live_cluster(rg)
-    with Load(rg.url, workers=3) as load:
-        load.wait_for_requests(20)
-        out = rg.cli("push", str(EXAMPLES / "v2.yaml"), "--wait")
-        assert out.returncode == 0, out.stdout + out.stderr + rg.log_tail()
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 30)
-    no_failures(load)
-    new = live_cluster(rg, 2)
-    assert new != old
-    for worker in load.per_worker:
-        models = [o.model for o in worker]
-        assert models[0] == "logreg" and models[-1] == "svc"
-        assert set(models[models.index("svc") :]) == {"svc"}, "traffic went back"
-    wait_for("the old cluster's processes to exit", lambda: rg.clusters_running() == {new}, 120)
+    out, load = push_under_load(rg, EXAMPLES / "v2.yaml", workers=3)
+    assert_clean_switch(rg, out, load, old, 2)
     print(f"\nhaproxy blue-green under load: {len(load.outcomes)} requests, 0 failed")
 
 
 def test_broken_cluster_change_aborts_through_haproxy(rg: Raygate) -> None:
     live = live_cluster(rg, 2)
-    with Load(rg.url) as load:
-        load.wait_for_requests(10)
-        out = rg.cli("push", str(SPECS / "broken-cluster.yaml"), "--wait")
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 10)
+    out, load = push_under_load(rg, SPECS / "broken-cluster.yaml")
     assert out.returncode == 1, out.stdout + out.stderr
     no_failures(load)
     s = rg.status("digits")

@@ -9,8 +9,8 @@ service live for the next.
 
 from __future__ import annotations
 
-import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import EXAMPLES, Load, Raygate, marked_processes, wait_for
+from tests.harness import EXAMPLES, Load, Raygate, marked_processes, running_raygate, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -28,18 +28,8 @@ SPECS = Path(__file__).resolve().parent / "specs"
 
 @pytest.fixture(scope="module")
 def rg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Raygate]:
-    gate = Raygate(tmp_path_factory.mktemp("e2e") / "state")
-    gate.start(EXAMPLES / "v1.yaml")
-    try:
+    with running_raygate(tmp_path_factory.mktemp("e2e") / "state", "python") as gate:
         yield gate
-    finally:
-        if gate.proc is not None:
-            gate.kill(signal.SIGTERM)
-        leftover = marked_processes(gate.owner)
-        if leftover:  # never leave Ray processes behind, even when a test failed
-            for pid in leftover:
-                os.kill(pid, signal.SIGKILL)
-        assert not leftover, f"raygate left Ray processes behind: {leftover}"
 
 
 def live_cluster(rg: Raygate, revision: int | None = None) -> str:
@@ -51,6 +41,39 @@ def live_cluster(rg: Raygate, revision: int | None = None) -> str:
         return None
 
     return wait_for(f"digits live at revision {revision}", check, 240)
+
+
+def push_under_load(
+    rg: Raygate, spec: Path, workers: int = 2
+) -> tuple[subprocess.CompletedProcess[str], Load]:
+    """`raygate push SPEC --wait` while load runs through the gateway, before and after."""
+    with Load(rg.url, workers=workers) as load:
+        load.wait_for_requests(10)
+        out = rg.cli("push", str(spec), "--wait")
+        n = len(load.outcomes)
+        load.wait_for_requests(n + 10)
+    return out, load
+
+
+def assert_clean_switch(
+    rg: Raygate, out: subprocess.CompletedProcess[str], load: Load, old: str, revision: int
+) -> str:
+    """A blue-green push went live with no failed request and one clean switch; the old
+    cluster's processes are gone. Returns the new cluster."""
+    assert out.returncode == 0, out.stdout + out.stderr + rg.log_tail()
+    no_failures(load)
+    new = live_cluster(rg, revision)
+    assert new != old
+    # Each worker sends one request after another, and the switch is atomic: once a worker
+    # has seen v2 it never sees v1 again.
+    for worker in load.per_worker:
+        models = [o.model for o in worker]
+        assert models[0] == "logreg" and models[-1] == "svc"
+        first_svc = models.index("svc")
+        assert set(models[first_svc:]) == {"svc"}, "traffic went back to the old cluster"
+        assert {o.cluster for o in worker[first_svc:]} == {new}
+    wait_for("the old cluster's processes to exit", lambda: rg.clusters_running() == {new}, 120)
+    return new
 
 
 def no_failures(load: Load) -> None:
@@ -115,25 +138,9 @@ def test_serve_only_change_updates_in_place_under_load(rg: Raygate) -> None:
 def test_blue_green_under_load_switches_with_zero_failures(rg: Raygate) -> None:
     old = live_cluster(rg)
     started = time.monotonic()
-    with Load(rg.url, workers=3) as load:
-        load.wait_for_requests(20)
-        out = rg.cli("push", str(EXAMPLES / "v2.yaml"), "--wait")
-        assert out.returncode == 0, out.stdout + out.stderr + rg.log_tail()
-        switched = time.monotonic() - started
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 30)
-    no_failures(load)
-    new = live_cluster(rg, 3)
-    assert new != old
-    # Each worker sends one request after another, and the switch is atomic: once a worker
-    # has seen v2 it never sees v1 again.
-    for worker in load.per_worker:
-        models = [o.model for o in worker]
-        assert models[0] == "logreg" and models[-1] == "svc"
-        first_svc = models.index("svc")
-        assert set(models[first_svc:]) == {"svc"}, "traffic went back to the old cluster"
-        assert {o.cluster for o in worker[first_svc:]} == {new}
-    wait_for("the old cluster's processes to exit", lambda: rg.clusters_running() == {new}, 120)
+    out, load = push_under_load(rg, EXAMPLES / "v2.yaml", workers=3)
+    switched = time.monotonic() - started
+    new = assert_clean_switch(rg, out, load, old, 3)
     with rg.api() as api:
         text = api.get("/metrics").text
     assert 'raygate_rollouts_total{result="succeeded",service="digits"} 3.0' in text
@@ -152,11 +159,7 @@ def test_blue_green_under_load_switches_with_zero_failures(rg: Raygate) -> None:
 
 def test_broken_cluster_change_aborts_and_live_cluster_keeps_serving(rg: Raygate) -> None:
     live = live_cluster(rg, 3)
-    with Load(rg.url) as load:
-        load.wait_for_requests(10)
-        out = rg.cli("push", str(SPECS / "broken-cluster.yaml"), "--wait")
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 10)
+    out, load = push_under_load(rg, SPECS / "broken-cluster.yaml")
     assert out.returncode == 1, out.stdout + out.stderr
     no_failures(load)
     assert {o.model for o in load.outcomes} == {"svc"}
@@ -179,11 +182,7 @@ def rg_history(rg: Raygate) -> list[dict[str, object]]:
 
 def test_broken_serve_change_rolls_back_in_place(rg: Raygate) -> None:
     live = live_cluster(rg, 3)
-    with Load(rg.url) as load:
-        load.wait_for_requests(10)
-        out = rg.cli("push", str(SPECS / "broken-in-place.yaml"), "--wait")
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 10)
+    out, load = push_under_load(rg, SPECS / "broken-in-place.yaml")
     assert out.returncode == 1, out.stdout + out.stderr
     no_failures(load)
     s = rg.status("digits")

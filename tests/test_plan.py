@@ -114,6 +114,21 @@ def go_live(w: World, spec: ServiceSpec) -> str:
     return cid
 
 
+def start_upgrade(w: World, spec: ServiceSpec) -> tuple[str, str]:
+    """Service live on one cluster, then a cluster change pushed: (old, pending) clusters."""
+    old = go_live(w, make_spec(cpus=2))
+    w.push(spec)
+    w.tick({old: UP_OK})
+    return old, w.state.pending.cluster if w.state.pending else ""
+
+
+def pass_gates(w: World, old: str, new: str) -> None:
+    """The pending cluster comes up and passes its gates twice in a row: traffic switches."""
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, new: UP_OK})
+    w.tick({old: UP_OK, new: UP_OK})
+
+
 def test_serve_only_change_updates_in_place_and_keeps_cluster() -> None:
     w = World()
     c = go_live(w, make_spec(label="a"))
@@ -130,14 +145,9 @@ def test_serve_only_change_updates_in_place_and_keeps_cluster() -> None:
 
 def test_cluster_change_is_blue_green_and_old_cluster_deleted_only_when_drained() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4))
-    w.tick({old: UP_OK})
-    new = w.state.pending.cluster if w.state.pending else ""
+    old, new = start_upgrade(w, make_spec(cpus=4))
     assert new != old and w.state.traffic() == {old: 100, new: 0}
-    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
-    w.tick({old: UP_OK, new: UP_OK})
-    w.tick({old: UP_OK, new: UP_OK})
+    pass_gates(w, old, new)
     assert w.state.traffic() == {old: 0, new: 100}
     busy = ClusterObservation(Liveness.UP, Health.OK, in_flight=3)
     d = w.tick({old: busy, new: UP_OK})
@@ -149,13 +159,8 @@ def test_cluster_change_is_blue_green_and_old_cluster_deleted_only_when_drained(
 
 def test_drain_timeout_deletes_even_with_requests_in_flight() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4))
-    w.tick({old: UP_OK})
-    new = w.state.pending.cluster if w.state.pending else ""
-    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
-    w.tick({old: UP_OK, new: UP_OK})
-    w.tick({old: UP_OK, new: UP_OK})
+    old, new = start_upgrade(w, make_spec(cpus=4))
+    pass_gates(w, old, new)
     stuck = ClusterObservation(Liveness.UP, Health.OK, in_flight=1)
     d = w.tick({old: stuck, new: UP_OK}, dt=29)
     assert not any(isinstance(a, DeleteCluster) for a in d.actions)
@@ -165,13 +170,8 @@ def test_drain_timeout_deletes_even_with_requests_in_flight() -> None:
 
 def test_deletion_delay_is_respected() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4, delay=60))
-    w.tick({old: UP_OK})
-    new = w.state.pending.cluster if w.state.pending else ""
-    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
-    w.tick({old: UP_OK, new: UP_OK})
-    w.tick({old: UP_OK, new: UP_OK})
+    old, new = start_upgrade(w, make_spec(cpus=4, delay=60))
+    pass_gates(w, old, new)
     d = w.tick({old: UP_OK, new: UP_OK}, dt=30)
     assert not any(isinstance(a, DeleteCluster) for a in d.actions)
     d = w.tick({old: UP_OK, new: UP_OK}, dt=31)
@@ -180,10 +180,7 @@ def test_deletion_delay_is_respected() -> None:
 
 def test_deploy_failed_aborts_at_once_and_traffic_never_moves() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4))
-    w.tick({old: UP_OK})
-    new = w.state.pending.cluster if w.state.pending else ""
+    old, new = start_upgrade(w, make_spec(cpus=4))
     w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
     failed = ClusterObservation(Liveness.UP, Health.FAILED, "DEPLOY_FAILED: ImportError: nope")
     d = w.tick({old: UP_OK, new: failed})
@@ -200,10 +197,7 @@ def test_deploy_failed_aborts_at_once_and_traffic_never_moves() -> None:
 
 def test_timeout_aborts_with_last_message() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4, timeout=50))
-    w.tick({old: UP_OK})
-    new = w.state.pending.cluster if w.state.pending else ""
+    old, new = start_upgrade(w, make_spec(cpus=4, timeout=50))
     w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
     w.tick({old: UP_OK, new: UP_PENDING}, dt=30)
     w.tick({old: UP_OK, new: UP_PENDING}, dt=30)
@@ -225,10 +219,7 @@ def test_in_place_failure_rolls_the_active_config_back() -> None:
 
 def test_newest_push_wins_and_reuses_pending_cluster_with_same_cluster_spec() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4, label="x"))
-    w.tick({old: UP_OK})
-    pending = w.state.pending.cluster if w.state.pending else ""
+    old, pending = start_upgrade(w, make_spec(cpus=4, label="x"))
     w.push(make_spec(cpus=4, label="y"))
     d = w.tick({old: UP_OK, pending: ClusterObservation(Liveness.UP)})
     assert w.state.pending is not None
@@ -239,10 +230,7 @@ def test_newest_push_wins_and_reuses_pending_cluster_with_same_cluster_spec() ->
 
 def test_newest_push_with_other_cluster_spec_replaces_pending_cluster() -> None:
     w = World()
-    old = go_live(w, make_spec(cpus=2))
-    w.push(make_spec(cpus=4))
-    w.tick({old: UP_OK})
-    first = w.state.pending.cluster if w.state.pending else ""
+    old, first = start_upgrade(w, make_spec(cpus=4))
     w.push(make_spec(cpus=8))
     d = w.tick({old: UP_OK, first: ClusterObservation(Liveness.UP)})
     assert d.actions[0] == DeleteCluster(first, "superseded by revision 3")
