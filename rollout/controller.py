@@ -93,10 +93,11 @@ def route_table(
                 key = "/" + prefix.strip("/") if prefix.strip("/") else "/"
                 existing = by_prefix.get(key)
                 backend = Backend(cluster, info.serve_url, weight)
+                timeout = spec.gateway.timeout_s
                 if existing is None:
-                    by_prefix[key] = Route(key, name, app, (backend,))
+                    by_prefix[key] = Route(key, name, app, (backend,), timeout)
                 elif existing.service == name:
-                    by_prefix[key] = Route(key, name, app, (*existing.backends, backend))
+                    by_prefix[key] = Route(key, name, app, (*existing.backends, backend), timeout)
                 else:
                     log.error(
                         "route %s claimed by %s and %s; keeping %s",

@@ -73,11 +73,18 @@ class UpgradeSpec(_Strict):
     deletion_delay_s: float = Field(0.0, ge=0)
 
 
+class GatewaySpec(_Strict):
+    """How the gateway treats this service's routes; a change here needs no new cluster."""
+
+    timeout_s: float = Field(60.0, gt=0, le=3600)  # upstream too slow: 504
+
+
 class ServiceSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     serve: dict[str, Any]
     upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
     def app_routes(self) -> dict[str, str]:
         """app name -> route prefix, for apps reachable over HTTP."""

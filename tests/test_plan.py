@@ -374,3 +374,22 @@ def test_invariants_hold_over_random_histories(data: st.DataObject) -> None:
                     assert a.revision == before.active.revision or in_place
         assert len(after.clusters()) <= MAX_CLUSTERS
         assert sum(after.traffic().values()) in (0, 100)
+
+
+def test_route_table_carries_every_cluster_and_the_service_timeout() -> None:
+    from gateway.routes import Backend
+    from rollout.controller import route_table
+    from rollout.providers.base import ClusterInfo
+
+    w = World()
+    old, new = start_upgrade(w, make_spec(cpus=4))
+    spec = make_spec().model_copy(update={"gateway": make_spec().gateway.model_copy(
+        update={"timeout_s": 7.5})})  # fmt: skip
+    infos = {c: ClusterInfo(c, "svc", "local", "", f"127.0.0.{i + 2}", 9000, 0.0)
+             for i, c in enumerate((old, new))}  # fmt: skip
+    table = route_table({"svc": w.state}, lambda n, r: spec, infos)
+    (route,) = table.routes
+    assert route.prefix == "/app" and route.timeout_s == 7.5
+    # The pending cluster is already known to the engine, at weight 0.
+    assert set(route.backends) == {Backend(old, "http://127.0.0.2:9000", 100),
+                                   Backend(new, "http://127.0.0.3:9000", 0)}  # fmt: skip

@@ -132,3 +132,13 @@ def test_change_detection_separates_cluster_and_serve() -> None:
     assert a.cluster_hash() == b.cluster_hash() and a.serve_hash() != b.serve_hash()
     assert a.cluster_hash() != c.cluster_hash() and a.serve_hash() == c.serve_hash()
     assert a.spec_hash() == parse_spec(base()).spec_hash()
+
+
+def test_gateway_timeout_is_per_service_and_not_a_cluster_change() -> None:
+    raw = copy.deepcopy(base())
+    raw["gateway"] = {"timeout_s": 120}
+    spec = parse_spec(raw)
+    assert spec.gateway.timeout_s == 120
+    assert spec.cluster_hash() == parse_spec(base()).cluster_hash()
+    raw["gateway"] = {"timeout": 5}
+    assert problems(raw) == {"gateway.timeout": "unknown field"}
