@@ -56,7 +56,16 @@ class HAProxyError(Exception):
 async def _ask(socket_path: Path, line: str, command: str) -> str:
     """Send one line to a HAProxy CLI socket and read the answer to EOF. `set` commands
     answer nothing when they succeed, so any text after one is HAProxy refusing it."""
-    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    # On a reload the master re-executes itself, and its socket refuses connections for a
+    # moment. Nothing was sent yet when connecting fails, so trying again is safe.
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.02)
     try:
         writer.write(line.encode() + b"\n")
         await writer.drain()
@@ -190,9 +199,12 @@ class HAProxyEngine:
                     if old.get((route.prefix, b.cluster)) != b.weight
                 ]
                 # Every live worker, old ones included: they may still take a request.
-                for pid in await self.workers():
+                _current, old_workers = await self.workers()
+                for change in changes:
+                    await self.command(change)  # the current worker: must succeed
+                for pid in old_workers:
                     for change in changes:
-                        await self.master(f"@!{pid} {change}")
+                        await self._old_worker(pid, change)
             self._names = server_names(table)
             self._table = table
 
@@ -216,14 +228,27 @@ class HAProxyEngine:
         command = line.split(" ", 1)[1] if line.startswith("@!") else line
         return await _ask(self.settings.master_socket, line + ";quit", command)
 
-    async def workers(self) -> list[int]:
-        """pids of the current worker and of old ones still finishing their requests."""
-        pids = []
+    async def workers(self) -> tuple[list[int], list[int]]:
+        """(current worker, old workers still finishing their requests) as pids."""
+        current: list[int] = []
+        old: list[int] = []
+        into = current
         for line in (await self.master("show proc")).splitlines():
+            if line.startswith("# old workers"):
+                into = old
             parts = line.split()
             if len(parts) >= 2 and parts[0].isdigit() and parts[1] == "worker":
-                pids.append(int(parts[0]))
-        return pids
+                into.append(int(parts[0]))
+        return current, old
+
+    async def _old_worker(self, pid: int, line: str) -> str | None:
+        """An old worker may exit between `show proc` and this command: then it is gone,
+        which is what we wanted to know, not an error."""
+        try:
+            return await self.master(f"@!{pid} {line}")
+        except (OSError, HAProxyError, TimeoutError) as exc:
+            log.debug("old haproxy worker %s: %r", pid, exc)
+            return None
 
     async def _reload(self) -> None:
         answer = await self.master("reload")
@@ -239,8 +264,14 @@ class HAProxyEngine:
     async def _servers_all(self) -> list[tuple[int, list[dict[str, str]]]]:
         """Server rows of `show stat` from every live worker."""
         out = []
-        for pid in await self.workers():
-            text = await self.master(f"@!{pid} show stat -1 4 -1")  # servers only
+        current, old = await self.workers()
+        for pid in current + old:
+            if pid in current:
+                text: str | None = await self.command("show stat -1 4 -1")  # servers only
+            else:
+                text = await self._old_worker(pid, "show stat -1 4 -1")
+            if text is None:
+                continue
             rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
             out.append((pid, [r for r in rows if r.get("svname")]))
         return out

@@ -7,6 +7,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from rollout.plan import ServiceState
 from rollout.spec import ServiceSpec, SpecError, parse_spec
 from rollout.store import Store
+
+log = logging.getLogger("raygate.api")
 
 
 def status_of(store: Store, name: str, in_flight: Mapping[str, int]) -> dict[str, Any] | None:
@@ -134,14 +137,23 @@ def create_admin_app(
             body_out["message"] = f"identical to revision {revision}: nothing to do"
         return JSONResponse(body_out, 200 if unchanged else 202)
 
+    async def flights_or_none() -> Mapping[str, int]:
+        # Status must answer even when the engine cannot be asked (HAProxy restarting):
+        # in-flight counts then read 0 here. The controller never decides on such a read.
+        try:
+            return await in_flight()
+        except Exception as exc:
+            log.warning("in-flight counts unavailable: %r", exc)
+            return {}
+
     @app.get("/v1/services", dependencies=guarded)
     async def list_services() -> list[dict[str, Any]]:
-        flights = await in_flight()
+        flights = await flights_or_none()
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
     @app.get("/v1/services/{name}", dependencies=guarded)
     async def get_service(name: str) -> dict[str, Any]:
-        status = status_of(store, name, await in_flight())
+        status = status_of(store, name, await flights_or_none())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status

@@ -293,7 +293,8 @@ async def test_haproxy_weight_change_applies_within_50ms(
     await haproxy.apply(table(Backend("a", upstream.url, 0), Backend("b", upstream.url, 1)))
     took = time.perf_counter() - started
     assert took < 0.05, f"weight change took {took * 1000:.1f} ms"
-    for pid in await haproxy.workers():  # in force in HAProxy itself, without a reload
+    current, old = await haproxy.workers()
+    for pid in current + old:  # in force in HAProxy itself, without a reload
         assert (await haproxy.master(f"@!{pid} get weight be_0/s0")).startswith("0 ")
         assert (await haproxy.master(f"@!{pid} get weight be_0/s1")).startswith("1 ")
 
