@@ -204,7 +204,7 @@ class PythonGateway:
             if k == b"x-request-id":
                 request_id = v.decode("latin-1")
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = str(uuid.uuid4())
             headers.append((b"x-request-id", request_id.encode()))
 
         path: str = scope["path"]
@@ -448,16 +448,15 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def _upstream_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """What the upstream gets: the client's headers but hop-by-hop ones, Host unchanged (so
+    no X-Forwarded-Host), X-Forwarded-For with the client's peer appended."""
     drop = _hop_by_hop(headers) | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
     out: list[tuple[str, str]] = []
     forwarded_for = ""
-    host = ""
     for k, v in headers:
         if k == b"x-forwarded-for":
             forwarded_for = v.decode("latin-1")
-        if k == b"host":
-            host = v.decode("latin-1")
-        if k not in drop and k != b"host" and k != b"content-length":
+        if k not in drop and k != b"content-length":
             out.append((k.decode("latin-1"), v.decode("latin-1")))
     client = scope.get("client")
     if client:
@@ -465,8 +464,6 @@ def _upstream_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[
     if forwarded_for:
         out.append(("X-Forwarded-For", forwarded_for))
     out.append(("X-Forwarded-Proto", str(scope.get("scheme", "http"))))
-    if host:
-        out.append(("X-Forwarded-Host", host))
     return out
 
 

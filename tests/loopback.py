@@ -43,6 +43,7 @@ class Upstream:
     stream_done: bool = False
     stream_aborted: bool = False
     seen_headers: dict[str, str] = field(default_factory=dict)
+    seen_lines: list[tuple[str, str]] = field(default_factory=list)  # repeated names kept
 
 
 @pytest.fixture
@@ -53,6 +54,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
         up.seen_headers = dict(request.headers)
+        up.seen_lines = list(request.headers.items())
         return web.json_response(
             {"method": request.method, "path": request.path_qs, "size": len(body),
              "from": "a"},
