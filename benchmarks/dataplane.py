@@ -6,9 +6,11 @@ Targets, measured with wrk (-t1) at 32 connections and at 1, GET and a 2 KiB POS
   nginx    wrk -> nginx reverse proxy (keepalive 64) -> upstream
   raygate  wrk -> `raygate gateway` (one worker) -> upstream
   raygate2 wrk -> `raygate gateway --workers 2` -> upstream
-  haproxy  wrk -> `raygate gateway --engine haproxy` -> upstream
-Rounds are interleaved (every target once per round) and medians are reported, so a noisy
-moment on this 2-core machine does not favour one target.
+  haproxy  wrk -> `raygate gateway --engine haproxy` (one thread) -> upstream
+Every proxy gets one core's worth of workers (nginx: worker_processes 1) unless a row says so.
+Rounds are interleaved (every target once per round). Medians are reported, and the ratio to
+nginx is the median of the per-round ratios: the machine's speed drifts by +-10% over minutes,
+and a ratio of two runs seconds apart cancels most of that drift.
 """
 
 from __future__ import annotations
@@ -126,8 +128,8 @@ def rss_mb(pid: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=4.0)
     args = ap.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -150,7 +152,7 @@ def main() -> int:
         for name, port, admin, extra in (
             ("raygate", rg_port, rg_admin, []),
             ("raygate2", rg2_port, rg2_admin, ["--workers", "2"]),
-            ("haproxy", hx_port, hx_admin, ["--engine", "haproxy"]),
+            ("haproxy", hx_port, hx_admin, ["--engine", "haproxy", "--workers", "1"]),
         ):
             cmd = [sys.executable, "-m", "rollout.cli", "gateway", "--route",
                    f"/=http://127.0.0.1:{up_port}", *extra, "--port", str(port),
@@ -204,19 +206,26 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
                       statistics.median(r.p50_ms for r in rs),
                       statistics.median(r.p99_ms for r in rs))  # fmt: skip
 
+    def paired(target: str, base: str, method: str, conns: int) -> float:
+        """Median over rounds of target/base, each ratio taken within one round."""
+        pairs = zip(samples[(target, method, conns)], samples[(base, method, conns)], strict=True)
+        return statistics.median(t.rps / b.rps for t, b in pairs)
+
     print(f"\nmedians of {args.rounds} interleaved rounds of {args.seconds:g}s, wrk -t1, "
-          f"loopback, {os.cpu_count()} cores shared by wrk, proxies and upstream\n")  # fmt: skip
+          f"loopback, {os.cpu_count()} cores shared by wrk, proxies and upstream; "
+          "ratios are medians of per-round ratios\n")  # fmt: skip
     print(f"{'case':<16}{'target':<9}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'vs direct':>11}{'vs nginx':>10}")  # fmt: skip
+          f"{'vs direct':>11}{'vs nginx':>10}  per round vs nginx")  # fmt: skip
     for method, conns in (("GET", 32), ("GET", 1), ("POST 2KiB", 32), ("POST 2KiB", 1)):
-        direct = med("direct", method, conns)
-        nginx = med("nginx", method, conns)
         for target in ("direct", "nginx", "raygate", "raygate2", "haproxy"):
             r = med(target, method, conns)
+            rounds = zip(samples[(target, method, conns)], samples[("nginx", method, conns)],
+                         strict=True)  # fmt: skip
+            each = " ".join(f"{t.rps / n.rps:.0%}" for t, n in rounds)
             case = f"{method} c{conns}"
-            print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}"
-                  f"{r.p99_ms:>9.3f}{r.rps / direct.rps:>10.1%}"
-                  f"{r.rps / nginx.rps:>10.1%}")  # fmt: skip
+            print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}"
+                  f"{paired(target, 'direct', method, conns):>10.1%}"
+                  f"{paired(target, 'nginx', method, conns):>10.1%}  {each}")  # fmt: skip
     for method in ("GET", "POST 2KiB"):
         d, n, g, h = (med(t, method, 1) for t in ("direct", "nginx", "raygate", "haproxy"))
         print(

@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     gw.add_argument("--engine", choices=["python", "haproxy"], default="python")
     gw.add_argument(
-        "--workers", type=int, default=1, help="python engine: processes sharing the data port"
+        "--workers",
+        type=int,
+        default=1,
+        help="python engine: processes sharing the data port; haproxy engine: threads",
     )
     gw.add_argument("--log-level", default="INFO")
     gw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # an extra worker
@@ -142,10 +145,10 @@ def _gateway(args: argparse.Namespace) -> int:
     )
     metrics_dir = None
     extra: list[str] = []
-    if args.engine == "haproxy" and args.workers > 1:
-        print("raygate: --workers is for the python engine; HAProxy uses threads", file=sys.stderr)
+    if args.workers < 1:
+        print("raygate: --workers must be at least 1", file=sys.stderr)
         return 2
-    if args.workers > 1 and not args.worker:
+    if args.engine == "python" and args.workers > 1 and not args.worker:
         # Before anything imports prometheus_client: every worker writes its metrics here.
         import tempfile
 

@@ -97,11 +97,11 @@ Engine = PythonGateway | HAProxyEngine
 
 def make_engine(
     name: str, metrics: Metrics, work_dir: Path, host: str, port: int, max_body_bytes: int,
-    health_path: str | None,
+    health_path: str | None, threads: int = 1,
 ) -> Engine:  # fmt: skip
     if name == "haproxy":
         return HAProxyEngine(
-            HAProxySettings(work_dir / "haproxy", host=host, port=port,
+            HAProxySettings(work_dir / "haproxy", host=host, port=port, threads=threads,
                             max_body_bytes=max_body_bytes, health_path=health_path),
             metrics,
         )  # fmt: skip
@@ -243,8 +243,9 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
     """
     metrics = Metrics()
     work_dir = Path(tempfile.mkdtemp(prefix="rg-gw-"))
+    haproxy = settings.engine == "haproxy"  # its workers are threads of one process
     gateway = make_engine(settings.engine, metrics, work_dir, settings.host, settings.port,
-                          settings.max_body_bytes, None)  # fmt: skip
+                          settings.max_body_bytes, None, settings.workers)  # fmt: skip
     table = standalone_table(settings.routes, settings.timeout_s)
     if isinstance(gateway, HAProxyEngine):
         await gateway.start()
@@ -260,7 +261,8 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, multiproc_dir)  # type: ignore[no-untyped-call]
         admin = create_metrics_app(registry)
-    sock = reuse_port_socket(settings.host, settings.port) if settings.workers > 1 else None
+    several = settings.workers > 1 and not haproxy
+    sock = reuse_port_socket(settings.host, settings.port) if several else None
     children = [
         await asyncio.create_subprocess_exec(*extra_workers, stdin=asyncio.subprocess.DEVNULL)
         for _ in range(settings.workers - 1)
