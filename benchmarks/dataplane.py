@@ -86,6 +86,14 @@ PROXY = """
     }}
 """
 
+GATEWAYS = ("raygate", "raygate2", "haproxy")
+CASES = {  # name: (method label, connections, POST body)
+    "get32": ("GET", 32, False),
+    "get1": ("GET", 1, False),
+    "post32": ("POST 2KiB", 32, True),
+    "post1": ("POST 2KiB", 1, True),
+}
+
 POST_LUA = """
 wrk.method = "POST"
 wrk.body = string.rep("p", 2048)
@@ -130,7 +138,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument(
+        "--gateways",
+        default=",".join(GATEWAYS),
+        help="which raygate rows to run (direct and nginx always run)",
+    )
+    ap.add_argument("--cases", default=",".join(CASES), help="of " + ",".join(CASES))
     args = ap.parse_args()
+    chosen = [g for g in args.gateways.split(",") if g]
+    picked = [c for c in args.cases.split(",") if c]
+    unknown = [g for g in chosen if g not in GATEWAYS] + [c for c in picked if c not in CASES]
+    if unknown or not picked:
+        print(f"unknown or no gateways/cases: {unknown}", file=sys.stderr)
+        return 2
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: run ./dev bench, which installs it", file=sys.stderr)
@@ -154,38 +174,37 @@ def main() -> int:
             ("raygate2", rg2_port, rg2_admin, ["--workers", "2"]),
             ("haproxy", hx_port, hx_admin, ["--engine", "haproxy", "--workers", "1"]),
         ):
+            if name not in chosen:
+                continue
             cmd = [sys.executable, "-m", "rollout.cli", "gateway", "--route",
                    f"/=http://127.0.0.1:{up_port}", *extra, "--port", str(port),
                    "--admin-port", str(admin), "--log-level", "WARNING"]  # fmt: skip
             gateways[name] = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
             procs.append(gateways[name])  # fmt: skip
-        for port in (up_port, proxy_port, rg_port, rg2_port, hx_port):
-            wait_port(port)
+        ports_of = {"direct": up_port, "nginx": proxy_port, "raygate": rg_port,
+                    "raygate2": rg2_port, "haproxy": hx_port}  # fmt: skip
+        targets = {t: f"http://127.0.0.1:{port}/svc" for t, port in ports_of.items()
+                   if t in ("direct", "nginx", *chosen)}  # fmt: skip
+        for target in targets:
+            wait_port(ports_of[target])
         post = work / "post.lua"
         post.write_text(POST_LUA)
-
-        targets = {
-            "direct": f"http://127.0.0.1:{up_port}/svc",
-            "nginx": f"http://127.0.0.1:{proxy_port}/svc",
-            "raygate": f"http://127.0.0.1:{rg_port}/svc",
-            "raygate2": f"http://127.0.0.1:{rg2_port}/svc",
-            "haproxy": f"http://127.0.0.1:{hx_port}/svc",
-        }
-        cases = [("GET", 32, None), ("GET", 1, None), ("POST 2KiB", 32, post),
-                 ("POST 2KiB", 1, post)]  # fmt: skip
+        cases = [(CASES[c][0], CASES[c][1], post if CASES[c][2] else None) for c in picked]
         for url in targets.values():  # warm up connections, JIT-free but caches and pools
             wrk(url, 32, 1, None)
         samples: dict[tuple[str, str, int], list[Result]] = {}
         rss: list[float] = []
         for rnd in range(args.rounds):
             for method, conns, script in cases:
-                for target, url in targets.items():
+                # Every other round runs the targets in reverse, so none is always first.
+                order = list(targets.items())
+                for target, url in order if rnd % 2 == 0 else reversed(order):
                     res = wrk(url, conns, args.seconds, script)
                     samples.setdefault((target, method, conns), []).append(res)
                     if target == "raygate":
                         rss.append(rss_mb(gateways["raygate"].pid))
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        report(samples, rss, args)
+        report(samples, rss, args, list(targets), [(m, c) for m, c, _ in cases])
     finally:
         for p in procs:  # nginx stops gracefully on SIGQUIT, raygate on SIGTERM
             p.send_signal(signal.SIGQUIT if p in procs[:2] else signal.SIGTERM)
@@ -199,7 +218,8 @@ def main() -> int:
 
 
 def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
-           args: argparse.Namespace) -> None:  # fmt: skip
+           args: argparse.Namespace, targets: list[str],
+           cases: list[tuple[str, int]]) -> None:  # fmt: skip
     def med(target: str, method: str, conns: int) -> Result:
         rs = samples[(target, method, conns)]
         return Result(statistics.median(r.rps for r in rs),
@@ -216,8 +236,8 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
           "ratios are medians of per-round ratios\n")  # fmt: skip
     print(f"{'case':<16}{'target':<9}{'rps':>10}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'vs direct':>11}{'vs nginx':>10}  per round vs nginx")  # fmt: skip
-    for method, conns in (("GET", 32), ("GET", 1), ("POST 2KiB", 32), ("POST 2KiB", 1)):
-        for target in ("direct", "nginx", "raygate", "raygate2", "haproxy"):
+    for method, conns in cases:
+        for target in targets:
             r = med(target, method, conns)
             rounds = zip(samples[(target, method, conns)], samples[("nginx", method, conns)],
                          strict=True)  # fmt: skip
@@ -226,13 +246,15 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
             print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}"
                   f"{paired(target, 'direct', method, conns):>10.1%}"
                   f"{paired(target, 'nginx', method, conns):>10.1%}  {each}")  # fmt: skip
-    for method in ("GET", "POST 2KiB"):
-        d, n, g, h = (med(t, method, 1) for t in ("direct", "nginx", "raygate", "haproxy"))
-        print(
-            f"\nadded p50 at 1 connection, {method}: raygate +{g.p50_ms - d.p50_ms:.3f} ms, "
-            f"haproxy engine +{h.p50_ms - d.p50_ms:.3f} ms, nginx +{n.p50_ms - d.p50_ms:.3f} ms"
-        )
-    print(f"raygate gateway RSS (one worker): max {max(rss):.0f} MB over the run")
+    for method, conns in cases:
+        if conns != 1:
+            continue
+        d = med("direct", method, 1)
+        added = ", ".join(f"{t} +{med(t, method, 1).p50_ms - d.p50_ms:.3f} ms"
+                          for t in targets if t != "direct")  # fmt: skip
+        print(f"\nadded p50 at 1 connection, {method}: {added}")
+    if rss:
+        print(f"raygate gateway RSS (one worker): max {max(rss):.0f} MB over the run")
 
 
 if __name__ == "__main__":
