@@ -10,9 +10,14 @@
   summed over every live worker: after a reload, an old worker may still be finishing
   requests (and, with `idle-close-on-response`, answers one last request per idle
   connection). Weight changes go to old workers too, through the master CLI (`@!<pid>`).
-- The same metric names as the Python engine are fed from `show stat` counters. HAProxy
-  counts responses by class, so `code` is "2xx", "5xx", ...; it has no per-request latency
-  histograms.
+- Request metrics (exact status codes, duration and time-to-first-byte histograms, the same
+  names as the Python engine) come from HAProxy's request log, written to an in-memory ring
+  and streamed through the current worker's runtime API (`show events <ring> -w`). Such a
+  CLI session keeps a worker alive, so on a reload the old worker's reader is closed: what
+  an old worker still answers after a reload (the last request on an idle connection) is
+  not counted. Reloads happen when a cluster joins or leaves a route, not at the switch,
+  which is a weight change. Times have HAProxy's ms resolution.
+  Upstream errors and in-flight counts come from `show stat`.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ import csv
 import io
 import logging
 import os
+import re
 import signal
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from gateway.haproxy_config import (
+    LOG_RING,
     HAProxySettings,
     Topology,
     backend_name,
@@ -40,7 +48,7 @@ from gateway.routes import RouteTable
 
 log = logging.getLogger("raygate.haproxy")
 
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+LOG_BATCH_S = 0.25  # request metrics lag HAProxy by at most about this
 
 
 def haproxy_binary() -> str:
@@ -93,6 +101,9 @@ class HAProxyEngine:
         self._stopping = False
         self._lock = asyncio.Lock()
         self._last_counts: dict[tuple[str, ...], int] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}  # worker pid -> its log reader
+        self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
+        self._logs: asyncio.Task[None] | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -106,6 +117,7 @@ class HAProxyEngine:
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="haproxy-supervisor")
         self._poller = asyncio.create_task(self._poll_metrics(), name="haproxy-metrics")
+        self._logs = asyncio.create_task(self._follow_logs(), name="haproxy-request-log")
 
     async def _spawn(self) -> None:
         s = self.settings
@@ -152,9 +164,11 @@ class HAProxyEngine:
     async def drain(self, timeout_s: float) -> None:
         """Soft stop: HAProxy closes its listener, finishes in-flight requests, exits."""
         self._stopping = True
-        for task in (self._poller, self._supervisor):
+        for task in (self._poller, self._supervisor, self._logs):
             if task is not None:
                 task.cancel()
+        # The log readers' CLI sessions would keep the workers alive: they go first.
+        await self._close_readers(keep=())
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -251,6 +265,10 @@ class HAProxyEngine:
             return None
 
     async def _reload(self) -> None:
+        # A log reader's CLI session would keep the old worker alive: close it first. What
+        # the old worker answers after this is not in the request metrics (see the module
+        # docstring); the new worker's ring is read from its start.
+        await self._close_readers(keep=())
         answer = await self.master("reload")
         if "Success=1" not in answer:
             raise HAProxyError(f"haproxy reload failed: {answer.strip()[:2000]}")
@@ -304,7 +322,6 @@ class HAProxyEngine:
                 in_flight[flight] = in_flight.get(flight, 0) + int(row["scur"] or 0)
                 # Counters are per worker: count each worker's growth since the last poll.
                 for field, labels in [
-                    *((f"hrsp_{c}", (route.service, route.app, cluster, c)) for c in CLASSES),
                     ("econ", (route.service, cluster, "connect")),
                     ("eresp", (route.service, cluster, "disconnect")),
                 ]:
@@ -314,10 +331,103 @@ class HAProxyEngine:
                     delta = total - self._last_counts.get(key, 0)
                     self._last_counts[key] = total
                     if delta > 0:
-                        family = self.metrics.requests if field.startswith("hrsp_") else (
-                            self.metrics.upstream_errors)  # fmt: skip
-                        family.labels(*labels).inc(delta)
+                        self.metrics.upstream_errors.labels(*labels).inc(delta)
         for (service, cluster), value in in_flight.items():
             self.metrics.set_in_flight(service, cluster, value)
         # Forget workers that are gone.
         self._last_counts = {k: v for k, v in self._last_counts.items() if k in seen}
+
+    # ---- request log ----------------------------------------------------------------------
+    async def _follow_logs(self) -> None:
+        """A reader on the current worker's request ring, opened again after each reload
+        or restart."""
+        while not self._stopping:
+            with contextlib.suppress(OSError, HAProxyError, ValueError, TimeoutError):
+                current, old = await self.workers()
+                await self._close_readers(keep=current)
+                if current and current[0] not in self._readers:
+                    async with self._lock:  # not while a reload closes the readers
+                        await self._open_reader()
+                gone = set(self._lines_read) - set(current + old)
+                for pid in gone:
+                    del self._lines_read[pid]
+            await asyncio.sleep(0.2)
+
+    async def _close_readers(self, keep: Collection[int]) -> None:
+        """Close the log readers of workers not in `keep`, and of exited workers."""
+        for pid in [p for p, task in self._readers.items() if task.done() or p not in keep]:
+            task = self._readers.pop(pid)
+            task.cancel()
+            await asyncio.wait([task])  # its session is closed when this returns
+
+    async def _open_reader(self) -> None:
+        """A session on the current worker: `show info` says which worker it is, then the
+        ring streams, from its start (so nothing the worker logged before is missed)."""
+        reader, writer = await asyncio.open_unix_connection(str(self.settings.admin_socket))
+        try:
+            writer.write(f"show info;show events {LOG_RING} -w\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+            found = re.search(rb"^Pid: (\d+)$", head, re.MULTILINE)
+            if found is None:
+                raise HAProxyError("show info gave no Pid")
+            pid = int(found.group(1))
+        except BaseException:
+            writer.close()
+            raise
+        if pid in self._readers:  # a reload raced us: that worker has a reader already
+            writer.close()
+            return
+        self._readers[pid] = asyncio.create_task(
+            self._read_log(pid, reader, writer), name=f"haproxy-log-{pid}"
+        )
+
+    async def _read_log(
+        self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # A second session on the same worker reads its ring from the start again: skip what
+        # the first one counted.
+        skip = self._lines_read.get(pid, 0)
+        rest = b""
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    return
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                if skip:
+                    dropped = min(skip, len(lines))
+                    lines, skip = lines[dropped:], skip - dropped
+                self._lines_read[pid] = self._lines_read.get(pid, 0) + len(lines)
+                self._count(Counter(lines))
+                # Read in batches: a wake-up per request would cost more than the parsing.
+                await asyncio.sleep(LOG_BATCH_S)
+        finally:
+            writer.close()
+
+    def _count(self, lines: Counter[bytes]) -> None:
+        """Request log lines (`LOG_FORMAT`) into the request metrics. Lines repeat (same
+        route, server, status and ms), so each distinct line is parsed once."""
+        routes = {
+            backend_name(i): r
+            for i, r in enumerate(sorted(self._table.routes, key=lambda r: r.prefix))
+        }
+        for raw, n in lines.items():
+            parts = raw.decode(errors="replace").split()
+            if len(parts) != 7 or parts[0] == "be_gateway":
+                continue  # HAProxy's own notices share the ring; /-/healthz is not counted
+            try:
+                status, tw, tc, tr, ta = (int(x) for x in parts[2:])
+            except ValueError:
+                continue
+            route = routes.get(parts[0])
+            cluster = None if parts[1] == "<NOSRV>" else self._cluster_of(parts[1])
+            if route is None:  # no route (404) or refused before routing (413, 431, 501)
+                self.metrics.gateway_answer("", "", status, n)
+            elif cluster is None:  # no cluster could take it (503)
+                self.metrics.gateway_answer(route.service, route.app, status, n)
+            else:
+                ttfb = (tw + tc + tr) / 1000 if min(tw, tc, tr) >= 0 else None
+                self.metrics.observe_request(
+                    route.service, route.app, cluster, status, ttfb, ta / 1000, n
+                )

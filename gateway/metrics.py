@@ -28,6 +28,20 @@ class _RouteMetrics:
     codes: dict[int, object] = field(default_factory=dict)
 
 
+def _observe(child: object, value: float, times: int) -> None:
+    """`Histogram.observe`, `times` times in one step. prometheus-client has no public call
+    for that; this does what its `observe` does (sum, then the first bucket that holds the
+    value) on the pinned version. tests/test_gateway_ops.py checks counts and buckets."""
+    if times == 1:
+        child.observe(value)  # type: ignore[attr-defined]
+        return
+    child._sum.inc(value * times)  # type: ignore[attr-defined]
+    for bucket, bound in zip(child._buckets, child._upper_bounds, strict=True):  # type: ignore[attr-defined]
+        if value <= bound:
+            bucket.inc(times)
+            return
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -76,8 +90,10 @@ class Metrics:
     # ---- data plane -------------------------------------------------------------------
     def observe_request(
         self, service: str, app: str, cluster: str, code: int, ttfb_s: float | None,
-        total_s: float,
+        total_s: float, times: int = 1,
     ) -> None:  # fmt: skip
+        """One request, or `times` requests with the same labels and times (the HAProxy
+        engine's log lines repeat: its times have ms resolution)."""
         key = (service, app, cluster)
         rm = self._routes.get(key)
         if rm is None:
@@ -87,14 +103,14 @@ class Metrics:
         if counter is None:
             counter = self.requests.labels(service, app, cluster, str(code))
             rm.codes[code] = counter
-        counter.inc()  # type: ignore[attr-defined]
-        rm.duration.observe(total_s)  # type: ignore[attr-defined]
+        counter.inc(times)  # type: ignore[attr-defined]
+        _observe(rm.duration, total_s, times)
         if ttfb_s is not None:
-            rm.ttfb.observe(ttfb_s)  # type: ignore[attr-defined]
+            _observe(rm.ttfb, ttfb_s, times)
 
-    def gateway_answer(self, service: str, app: str, code: int) -> None:
+    def gateway_answer(self, service: str, app: str, code: int, times: int = 1) -> None:
         """A request the gateway answered itself (no cluster): cluster label is empty."""
-        self.requests.labels(service, app, "", str(code)).inc()
+        self.requests.labels(service, app, "", str(code)).inc(times)
 
     def set_in_flight(self, service: str, cluster: str, value: int) -> None:
         self.in_flight.labels(service, cluster).set(value)

@@ -301,8 +301,12 @@ async def test_haproxy_weight_change_applies_within_50ms(
     took = time.perf_counter() - started
     assert took < 0.05, f"weight change took {took * 1000:.1f} ms"
     current, old = await haproxy.workers()
+    assert current
     for pid in current + old:  # in force in HAProxy itself, without a reload
-        assert (await haproxy.master(f"@!{pid} get weight be_0/s0")).startswith("0 ")
+        s0 = await haproxy.master(f"@!{pid} get weight be_0/s0")
+        if pid in old and s0.startswith("No such backend"):
+            continue  # an old worker still exiting, from the config before the route existed
+        assert s0.startswith("0 "), s0
         assert (await haproxy.master(f"@!{pid} get weight be_0/s1")).startswith("1 ")
 
 

@@ -13,30 +13,46 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend
 from rollout.server import data_plane_config
 from tests.harness import ROOT
-from tests.loopback import Gate, Upstream, free_port, table, until
+from tests.loopback import ENGINES, Gate, Upstream, free_port, table, until
 
 
-@pytest.fixture
-async def metered(upstream: Upstream) -> AsyncIterator[tuple[Gate, CollectorRegistry]]:
+@pytest.fixture(params=ENGINES)
+async def metered(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Gate, CollectorRegistry]]:
+    """An engine whose metrics go to a fresh registry, so values can be asserted exactly."""
     import uvicorn
 
     registry = CollectorRegistry()
-    engine = PythonGateway(GatewaySettings(max_header_bytes=8 * 1024), Metrics(registry))
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if request.param == "haproxy":
+        hx = HAProxyEngine(
+            HAProxySettings(tmp_path / "hx", port=port, max_header_bytes=8 * 1024),
+            Metrics(registry),
+        )
+        await hx.start()
+        async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
+            yield Gate(hx, url, client, "haproxy"), registry
+        await hx.drain(10)
+        return
+    engine = PythonGateway(GatewaySettings(max_header_bytes=8 * 1024), Metrics(registry))
     server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
-    url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
         yield Gate(engine, url, client), registry
     server.should_exit = True
@@ -46,30 +62,50 @@ async def metered(upstream: Upstream) -> AsyncIterator[tuple[Gate, CollectorRegi
 async def test_request_metrics_have_the_right_values(
     metered: tuple[Gate, CollectorRegistry], upstream: Upstream
 ) -> None:
+    """Both engines: exact status codes and latency histograms under the same names. The
+    HAProxy engine's arrive from its request log a moment later, hence the polling."""
     gate, reg = metered
     dead = f"http://127.0.0.1:{free_port()}"
-    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1), Backend("dead", dead, 0)))
     for _ in range(3):
         assert (await gate.client.get("/svc/a")).status_code == 200
     assert (await gate.client.get("/elsewhere")).status_code == 404
-    await gate.engine.apply(table(Backend("dead", dead, 1)))
+    await gate.engine.apply(table(Backend("c1", upstream.url, 0), Backend("dead", dead, 1)))
     assert (await gate.client.get("/svc/a")).status_code == 502
-    await gate.engine.apply(table(Backend("c1", upstream.url, 0)))
+    await gate.engine.apply(table(Backend("c1", upstream.url, 0), Backend("dead", dead, 0)))
     assert (await gate.client.get("/svc/a")).status_code == 503
 
-    def value(name: str, **labels: str) -> float | None:
-        return reg.get_sample_value(name, labels)
-
     route = {"service": "svc", "app": "app"}
-    assert value("raygate_requests_total", **route, cluster="c1", code="200") == 3
-    assert value("raygate_request_duration_seconds_count", **route, cluster="c1") == 3
-    assert value("raygate_time_to_first_byte_seconds_count", **route, cluster="c1") == 3
-    assert value("raygate_requests_total", service="", app="", cluster="", code="404") == 1
-    assert value("raygate_requests_total", **route, cluster="dead", code="502") == 1
-    assert value("raygate_upstream_errors_total", service="svc", cluster="dead",
-                 kind="connect") == 1  # fmt: skip
-    assert value("raygate_requests_total", **route, cluster="", code="503") == 1
-    assert value("raygate_in_flight_requests", service="svc", cluster="c1") == 0
+    expected = {
+        ("raygate_requests_total", ("c1", "200")): 3,
+        ("raygate_request_duration_seconds_count", ("c1", None)): 3,
+        ("raygate_time_to_first_byte_seconds_count", ("c1", None)): 3,
+        ("raygate_requests_total", ("dead", "502")): 1,
+        ("raygate_requests_total", ("", "503")): 1,
+        ("raygate_upstream_errors_total", ("dead", "connect")): 1,
+    }
+
+    def values() -> dict[tuple[str, tuple[str, str | None]], float | None]:
+        out = {}
+        for name, (cluster, extra) in expected:
+            labels = {**route, "cluster": cluster}
+            if name == "raygate_requests_total":
+                labels["code"] = extra or ""
+            if name == "raygate_upstream_errors_total":
+                labels = {"service": "svc", "cluster": cluster, "kind": extra or ""}
+            out[(name, (cluster, extra))] = reg.get_sample_value(name, labels)
+        return out
+
+    with contextlib.suppress(AssertionError):
+        await until(lambda: values() == expected)
+    assert values() == expected
+    labels_404 = {"service": "", "app": "", "cluster": "", "code": "404"}
+    assert reg.get_sample_value("raygate_requests_total", labels_404) == 1
+    # Durations are real: every request took under a second and none took a negative time.
+    fast = {**route, "cluster": "c1", "le": "1.0"}
+    assert reg.get_sample_value("raygate_request_duration_seconds_bucket", fast) == 3
+    flight = {"service": "svc", "cluster": "c1"}
+    await until(lambda: reg.get_sample_value("raygate_in_flight_requests", flight) == 0)
     # The raw path never becomes a label value.
     assert b"/svc/a" not in generate_latest(reg)
 
@@ -83,10 +119,34 @@ async def test_in_flight_gauge_counts_an_open_stream(
         chunks = r.aiter_raw()
         await chunks.__anext__()
         labels = {"service": "svc", "cluster": "c1"}
-        assert reg.get_sample_value("raygate_in_flight_requests", labels) == 1
+        # The HAProxy engine's gauge follows `show stat`, polled every second.
+        await until(lambda: reg.get_sample_value("raygate_in_flight_requests", labels) == 1)
         upstream.release.set()
         _ = [c async for c in chunks]
     await until(lambda: reg.get_sample_value("raygate_in_flight_requests", labels) == 0)
+
+
+def test_observing_n_requests_at_once_equals_observing_them_one_by_one() -> None:
+    """The HAProxy engine observes repeated log lines in one step (gateway.metrics._observe)."""
+    one_by_one, at_once = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for ttfb, total, n in ((0.0, 0.0, 5), (0.002, 0.003, 7), (None, 45.0, 2), (0.3, 99.0, 3)):
+        for _ in range(n):
+            one_by_one.observe_request("s", "a", "c", 200, ttfb, total)
+        at_once.observe_request("s", "a", "c", 200, ttfb, total, n)
+
+    def samples(m: Metrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        # n * value and value added n times may differ in the last bits of a float.
+        return sorted((s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+                      for f in m.registry.collect() for s in f.samples
+                      if not s.name.endswith("_created"))  # fmt: skip
+
+    assert samples(at_once) == samples(one_by_one)
+    assert (
+        at_once.registry.get_sample_value(
+            "raygate_request_duration_seconds_count", {"service": "s", "app": "a", "cluster": "c"}
+        )
+        == 17
+    )
 
 
 def test_metrics_output_passes_promtool() -> None:
