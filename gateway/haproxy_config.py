@@ -71,9 +71,12 @@ def server_names(table: RouteTable) -> dict[str, str]:
     return {c: f"s{i}" for i, c in enumerate(clusters)}
 
 
+RID = "%[var(txn.rid),json(utf8s)]"  # the request id, escaped for a JSON string
+
+
 def _body(error: str) -> str:
     """The gateway's JSON error body as a log-format string: the request id is filled in."""
-    return json.dumps({"error": error, "request_id": "RID"}).replace('"RID"', '"%[var(txn.rid)]"')
+    return json.dumps({"error": error, "request_id": "RID"}).replace('"RID"', f'"{RID}"')
 
 
 def _quote(text: str) -> str:
@@ -211,12 +214,12 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         lines.append("")
     lines += [
         "backend be_gateway",
-        _answer(200, '{"status":"ok","pid":%pid,"request_id":"%[var(txn.rid)]"}',
+        _answer(200, '{"status":"ok","pid":%pid,"request_id":"' + RID + '"}',
                 "{ path /-/healthz }"),
         _answer(ready, '{"ready":' + ("true" if routes else "false")
-                + ',"request_id":"%[var(txn.rid)]"}', "{ path /-/ready }"),
+                + ',"request_id":"' + RID + '"}', "{ path /-/ready }"),
         "",
     ]  # fmt: skip
-    none = _answer(404, _body("no route for path %[path]"), "")
+    none = _answer(404, _body("no route for path %[path,json(utf8s)]"), "")
     lines += ["backend be_none", none, ""]
     return "\n".join(lines)

@@ -65,6 +65,10 @@ async def test_unknown_prefix_is_404_json_with_request_id(gate: Gate) -> None:
     assert r.status_code == 404
     assert r.json() == {"error": "no route for path /nowhere", "request_id": "abc"}
     assert r.headers["x-request-id"] == "abc"
+    # A client's id can hold anything: the body stays valid JSON.
+    odd = 'a"b\\c'
+    r = await gate.client.get("/nowhere", headers={"x-request-id": odd})
+    assert r.json()["request_id"] == odd
 
 
 async def test_no_cluster_is_503_with_retry_after(gate: Gate, upstream: Upstream) -> None:
