@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.routes import RouteTable
+from gateway.routes import Route, RouteTable
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class HAProxySettings:
         return self.work_dir / "haproxy.cfg"
 
 
-LUA = Path(__file__).with_name("hop_by_hop.lua")
+LUA = Path(__file__).with_name("haproxy.lua")
 
 # One line per request into an in-memory ring that raygate reads through the runtime API
 # (`show events`): backend, server, status, then queue, connect, response-header and total
@@ -63,6 +63,20 @@ def topology(table: RouteTable) -> Topology:
 
 def backend_name(index: int) -> str:
     return f"be_{index}"
+
+
+def chunked_backend_name(index: int) -> str:
+    """The route's twin for chunked requests: same servers, plus the body_limit filter."""
+    return f"be_{index}_chunked"
+
+
+def backends_of(table: RouteTable) -> dict[str, Route]:
+    """HAProxy backend name -> its route; every route has two (see `render`)."""
+    out: dict[str, Route] = {}
+    for index, route in enumerate(sorted(table.routes, key=lambda r: r.prefix)):
+        out[backend_name(index)] = route
+        out[chunked_backend_name(index)] = route
+    return out
 
 
 def server_names(table: RouteTable) -> dict[str, str]:
@@ -186,32 +200,47 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         # The gateway's own endpoints: one lookup for every request instead of a rule each.
         "    use_backend be_gateway if { path /-/healthz /-/ready }",
     ]  # fmt: skip
-    # Longest prefix first: HAProxy takes the first use_backend that matches.
+    # Longest prefix first: HAProxy takes the first use_backend that matches. A chunked
+    # request (Transfer-Encoding) goes to the route's twin, which counts its body.
+    chunked = "{ req.hdr_cnt(transfer-encoding) gt 0 }"
     ordered = sorted(enumerate(routes), key=lambda ir: len(ir[1].prefix), reverse=True)
     for index, route in ordered:
         if route.prefix == "/":
+            lines.append(f"    use_backend {chunked_backend_name(index)} if {chunked}")
             lines.append(f"    use_backend {backend_name(index)}")
         else:
-            lines.append(
-                f"    use_backend {backend_name(index)} if {{ path {route.prefix} }} "
-                f"|| {{ path_beg {route.prefix}/ }}"
-            )
+            exact, below = f"{{ path {route.prefix} }}", f"{{ path_beg {route.prefix}/ }}"
+            lines.append(f"    use_backend {chunked_backend_name(index)}"
+                         f" if {chunked} {exact} || {chunked} {below}")  # fmt: skip
+            lines.append(f"    use_backend {backend_name(index)} if {exact} || {below}")
     lines += ["    default_backend be_none", ""]
+    too_big = _body("%[var(txn.body_error,bad request)]")
     for index, route in enumerate(routes):
-        lines += [
-            f"backend {backend_name(index)}",
-            "    balance roundrobin",
-            f"    timeout server {int(route.timeout_s * 1000)}ms",
-        ]
-        check = ""
-        if s.health_path:
-            lines.append(f"    option httpchk GET {s.health_path}")
-            check = " check inter 1s fall 2 rise 1"
-        for b in route.backends:
-            lines.append(
-                f"    server {names[b.cluster]} {_hostport(b.url)} weight {b.weight}{check}"
-            )
-        lines.append("")
+        check = " check inter 1s fall 2 rise 1" if s.health_path else ""
+        for name in (backend_name(index), chunked_backend_name(index)):
+            lines += [
+                f"backend {name}",
+                "    balance roundrobin",
+                f"    timeout server {int(route.timeout_s * 1000)}ms",
+            ]
+            twin = name == chunked_backend_name(index)
+            if twin:
+                # The body_limit filter fails a request whose body passed the limit (400)
+                # and names the reason in txn.body_error: that answer becomes the 413.
+                lines += [
+                    f"    filter lua.body_limit {s.max_body_bytes}",
+                    f"    http-error status 400 content-type application/json"
+                    f" lf-string {_quote(too_big)}",
+                    "    http-after-response set-status 413 if { var(txn.body_error) -m found }",
+                ]
+            elif s.health_path:
+                lines.append(f"    option httpchk GET {s.health_path}")
+            for b in route.backends:
+                server = names[b.cluster]
+                # The twin's servers follow the health checks of the route's own servers.
+                health = f" track {backend_name(index)}/{server}" if twin and check else check
+                lines.append(f"    server {server} {_hostport(b.url)} weight {b.weight}{health}")
+            lines.append("")
     lines += [
         "backend be_gateway",
         _answer(200, '{"status":"ok","pid":%pid,"request_id":"' + RID + '"}',

@@ -18,6 +18,9 @@
   not counted. Reloads happen when a cluster joins or leaves a route, not at the switch,
   which is a weight change. Times have HAProxy's ms resolution.
   Upstream errors and in-flight counts come from `show stat`.
+- Every route is two HAProxy backends with the same servers: its own, and a twin that takes
+  chunked requests and counts their bodies (the body_limit Lua filter). Weights are set on
+  both, in-flight counts and metrics are summed over both.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from gateway.haproxy_config import (
     LOG_RING,
     HAProxySettings,
     Topology,
-    backend_name,
+    backends_of,
     render,
     server_names,
     topology,
@@ -207,8 +210,8 @@ class HAProxyEngine:
                 old = {(r.prefix, b.cluster): b.weight for r in self._table.routes
                        for b in r.backends}  # fmt: skip
                 changes = [
-                    f"set server {backend_name(index)}/{names[b.cluster]} weight {b.weight}"
-                    for index, route in enumerate(sorted(table.routes, key=lambda r: r.prefix))
+                    f"set server {backend}/{names[b.cluster]} weight {b.weight}"
+                    for backend, route in backends_of(table).items()
                     for b in route.backends
                     if old.get((route.prefix, b.cluster)) != b.weight
                 ]
@@ -308,8 +311,7 @@ class HAProxyEngine:
             await asyncio.sleep(1.0)
 
     async def _collect(self) -> None:
-        routes = sorted(self._table.routes, key=lambda r: r.prefix)
-        by_backend = {backend_name(i): r for i, r in enumerate(routes)}
+        by_backend = backends_of(self._table)
         in_flight: dict[tuple[str, str], int] = {}
         seen: set[tuple[str, ...]] = set()
         for pid, rows in await self._servers_all():
@@ -408,10 +410,7 @@ class HAProxyEngine:
     def _count(self, lines: Counter[bytes]) -> None:
         """Request log lines (`LOG_FORMAT`) into the request metrics. Lines repeat (same
         route, server, status and ms), so each distinct line is parsed once."""
-        routes = {
-            backend_name(i): r
-            for i, r in enumerate(sorted(self._table.routes, key=lambda r: r.prefix))
-        }
+        routes = backends_of(self._table)
         for raw, n in lines.items():
             parts = raw.decode(errors="replace").split()
             if len(parts) != 7 or parts[0] == "be_gateway":
@@ -424,7 +423,8 @@ class HAProxyEngine:
             cluster = None if parts[1] == "<NOSRV>" else self._cluster_of(parts[1])
             if route is None:  # no route (404) or refused before routing (413, 431, 501)
                 self.metrics.gateway_answer("", "", status, n)
-            elif cluster is None:  # no cluster could take it (503)
+            elif cluster is None or (status == 413 and tr < 0):
+                # No cluster could take it (503), or its chunked body passed the limit.
                 self.metrics.gateway_answer(route.service, route.app, status, n)
             else:
                 ttfb = (tw + tc + tr) / 1000 if min(tw, tc, tr) >= 0 else None

@@ -44,6 +44,7 @@ class Upstream:
     stream_aborted: bool = False
     seen_headers: dict[str, str] = field(default_factory=dict)
     seen_lines: list[tuple[str, str]] = field(default_factory=list)  # repeated names kept
+    bodies: list[int] = field(default_factory=list)  # sizes of the bodies echo read whole
 
 
 @pytest.fixture
@@ -53,6 +54,7 @@ async def upstream() -> AsyncIterator[Upstream]:
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
+        up.bodies.append(len(body))
         up.seen_headers = dict(request.headers)
         up.seen_lines = list(request.headers.items())
         return web.json_response(

@@ -22,7 +22,6 @@ from tests.loopback import (
     Upstream,
     flights,
     free_port,
-    python_gate,
     table,
     until,
     until_flights,
@@ -127,18 +126,38 @@ async def test_body_over_the_limit_is_413(gate: Gate, upstream: Upstream) -> Non
     assert b"x-request-id" in head.lower()
 
 
-async def test_python_engine_limits_chunked_bodies_too(upstream: Upstream, tmp_path: Path) -> None:
-    """Python engine only: HAProxy cannot count a chunked body without buffering it whole,
-    so its limit applies to Content-Length (see the README)."""
-    async with python_gate() as gate:
-        await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
+async def test_chunked_body_over_the_limit_is_413(gate: Gate, upstream: Upstream) -> None:
+    """No Content-Length to judge by: the body is counted as it streams and cut at the limit
+    (HAProxy: the body_limit Lua filter), before the upstream could answer."""
+    await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
 
-        async def body() -> AsyncIterator[bytes]:
-            for _ in range(30):
-                yield b"b" * 50_000
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(30):
+            yield b"b" * 50_000
 
-        r = await gate.client.post("/svc/x", content=body())
-        assert r.status_code == 413
+    r = await gate.client.post("/svc/x", content=body(), headers={"x-request-id": 'a"b'})
+    assert r.status_code == 413
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": "request body over 1000000 bytes", "request_id": 'a"b'}
+    assert r.headers["x-request-id"] == 'a"b'
+    # The upstream never got a whole request: it was cut before the end of the body.
+    assert (await gate.client.post("/svc/x", content=b"ok")).json()["size"] == 2
+    assert upstream.bodies == [2]
+
+
+async def test_chunked_requests_follow_the_weights(gate: Gate, upstream: Upstream) -> None:
+    """HAProxy sends chunked requests through a twin backend per route: a weight change
+    must reach it too, or these would still go to the dead cluster."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    await gate.engine.apply(table(Backend("dead", dead, 1), Backend("c1", upstream.url, 0)))
+    await gate.engine.apply(table(Backend("dead", dead, 0), Backend("c1", upstream.url, 1)))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+
+    codes = [(await gate.client.post("/svc/x", content=body())).status_code for _ in range(20)]
+    assert codes == [200] * 20
+    assert upstream.bodies == [1000] * 20
 
 
 async def test_first_chunk_arrives_before_upstream_finishes(gate: Gate, upstream: Upstream) -> None:
@@ -162,6 +181,12 @@ async def test_connect_failure_is_retried_on_another_cluster(
     await gate.engine.apply(table(Backend("dead", dead, 1), Backend("c1", upstream.url, 1)))
     codes = [(await gate.client.post("/svc/x", content=b"{}")).status_code for _ in range(40)]
     assert codes == [200] * 40
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"{}"
+
+    codes = [(await gate.client.post("/svc/x", content=chunked())).status_code for _ in range(20)]
+    assert codes == [200] * 20
     await gate.engine.apply(table(Backend("dead", dead, 1)))
     r = await fresh_get(gate, "/svc/x")
     assert r.status_code == 502 and r.json()["request_id"] == r.headers["x-request-id"]
@@ -310,8 +335,10 @@ async def test_haproxy_weight_change_applies_within_50ms(
         s0 = await haproxy.master(f"@!{pid} get weight be_0/s0")
         if pid in old and s0.startswith("No such backend"):
             continue  # an old worker still exiting, from the config before the route existed
-        assert s0.startswith("0 "), s0
-        assert (await haproxy.master(f"@!{pid} get weight be_0/s1")).startswith("1 ")
+        for backend in ("be_0", "be_0_chunked"):
+            s0 = await haproxy.master(f"@!{pid} get weight {backend}/s0")
+            assert s0.startswith("0 "), s0
+            assert (await haproxy.master(f"@!{pid} get weight {backend}/s1")).startswith("1 ")
 
 
 async def until_flights_of(engine: HAProxyEngine, expected: dict[str, int]) -> None:
