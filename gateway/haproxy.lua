@@ -35,15 +35,22 @@ end, 0)
 -- at its end the filter fails the request, so the upstream connection is cut before it sees
 -- a complete message, and the backend's `http-error` answers 413 (txn.body_error is set).
 -- Reading the rest first matters: closing a socket with unread data makes the kernel send
--- a reset, which would destroy the 413 on its way to the client. Two HAProxy 2.8 details
+-- a reset, which would destroy the 413 on its way to the client. A body still coming
+-- <drain_s> seconds after the limit is cut, reset or not (nginx's lingering_time). Two HAProxy 2.8 details
 -- shape this: a negative number returned from http_payload is read as "forward all" (it is
 -- compared as unsigned), and txn:done() from a filter leaves the reply unsent; returning -1
 -- from http_end, or raising an error, does fail the request.
+local function now_s()
+    local t = core.now()
+    return t.sec + t.usec / 1e6
+end
+
 local BodyLimit = {id = "raygate body limit", flags = filter.FLT_CFG_FL_HTX}
 BodyLimit.__index = BodyLimit
 
 function BodyLimit:new()
-    return setmetatable({seen = 0, limit = self.limit, over = false}, BodyLimit)
+    return setmetatable({seen = 0, limit = self.limit, drain_s = self.drain_s, over = false},
+                        BodyLimit)
 end
 
 function BodyLimit:start_analyze(txn, chn)
@@ -55,16 +62,15 @@ function BodyLimit:http_payload(txn, msg)
     self.seen = self.seen + n
     if not self.over then
         if self.seen <= self.limit then return n end
-        self.over = true
+        self.over = now_s()
         txn:set_var("txn.body_error", string.format("request body over %d bytes", self.limit))
     end
     msg:remove(0, n)
     if msg:eom() then
         return msg:input()  -- the end-of-message marker: lets http_end run
     end
-    if self.seen > 2 * self.limit then
-        -- A body that goes on for another limit's worth is cut now, reset or not.
-        error("request body still coming after twice the limit: connection cut")
+    if now_s() - self.over >= self.drain_s then
+        error("request body still coming " .. self.drain_s .. " s past the limit: cut")
     end
     return 0
 end
@@ -76,5 +82,6 @@ end
 
 core.register_filter("body_limit", BodyLimit, function(flt, args)
     flt.limit = tonumber(args[1])
+    flt.drain_s = tonumber(args[2])
     return flt
 end)

@@ -20,6 +20,9 @@ class HAProxySettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 16 * 1024 * 1024
+    # A chunked body past the limit is read and dropped for up to this long, so the client
+    # can read the 413 (closing on unread data sends a reset); then the connection is cut.
+    body_drain_s: int = 30
     max_header_bytes: int = 64 * 1024
     connect_timeout_s: float = 5.0
     client_timeout_s: float = 60.0
@@ -228,7 +231,7 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
                 # The body_limit filter fails a request whose body passed the limit (400)
                 # and names the reason in txn.body_error: that answer becomes the 413.
                 lines += [
-                    f"    filter lua.body_limit {s.max_body_bytes}",
+                    f"    filter lua.body_limit {s.max_body_bytes} {s.body_drain_s}",
                     f"    http-error status 400 content-type application/json"
                     f" lf-string {_quote(too_big)}",
                     "    http-after-response set-status 413 if { var(txn.body_error) -m found }",

@@ -368,3 +368,45 @@ async def test_haproxy_that_dies_is_restarted_with_current_weights(
             assert time.monotonic() < deadline, "haproxy did not come back"
             await asyncio.sleep(0.1)
     assert codes == [200] * 10, "weights survived the restart: nothing went to 'a'"
+
+
+async def test_haproxy_cuts_a_chunked_body_that_runs_on_past_the_limit(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Past the limit, the rest of a chunked body is read and dropped so that the client can
+    read its 413; a body still coming body_drain_s later is cut, so a client cannot hold
+    the connection by sending forever."""
+    settings = HAProxySettings(
+        tmp_path / "hx", port=free_port(), max_body_bytes=10_000, body_drain_s=1
+    )
+    engine = HAProxyEngine(settings)
+    await engine.start()
+    try:
+        await engine.apply(table(Backend("c1", upstream.url, 1)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(b"POST /svc/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started = time.monotonic()
+        cut = False
+        while time.monotonic() - started < 10:  # a client that would send for 10 s
+            try:
+                writer.write(b"1000\r\n" + b"z" * 0x1000 + b"\r\n")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(65536), 0.1) == b"":
+                    cut = True  # closed from HAProxy's side
+                    break
+            except TimeoutError:
+                continue  # nothing to read yet: keep sending
+            except ConnectionError:
+                cut = True
+                break
+        took = time.monotonic() - started
+        writer.close()
+        assert cut, "the connection was still open after 10 s of body past the limit"
+        assert 0.9 < took < 4, f"cut after {took:.1f} s, not about 1 s after the limit"
+        assert upstream.bodies == []
+        # HAProxy lives on and serves.
+        async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
+            r = await c.get(f"http://127.0.0.1:{settings.port}/svc/ok")
+        assert r.status_code == 200
+    finally:
+        await engine.drain(10)

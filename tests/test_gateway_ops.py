@@ -41,7 +41,9 @@ async def metered(
     url = f"http://127.0.0.1:{port}"
     if request.param == "haproxy":
         hx = HAProxyEngine(
-            HAProxySettings(tmp_path / "hx", port=port, max_header_bytes=8 * 1024),
+            HAProxySettings(
+                tmp_path / "hx", port=port, max_header_bytes=8 * 1024, max_body_bytes=100_000
+            ),
             Metrics(registry),
         )
         await hx.start()
@@ -49,7 +51,9 @@ async def metered(
             yield Gate(hx, url, client, "haproxy"), registry
         await hx.drain(10)
         return
-    engine = PythonGateway(GatewaySettings(max_header_bytes=8 * 1024), Metrics(registry))
+    engine = PythonGateway(
+        GatewaySettings(max_header_bytes=8 * 1024, max_body_bytes=100_000), Metrics(registry)
+    )
     server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
@@ -67,8 +71,16 @@ async def test_request_metrics_have_the_right_values(
     gate, reg = metered
     dead = f"http://127.0.0.1:{free_port()}"
     await gate.engine.apply(table(Backend("c1", upstream.url, 1), Backend("dead", dead, 0)))
-    for _ in range(3):
+    for _ in range(2):
         assert (await gate.client.get("/svc/a")).status_code == 200
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // 10_000):
+            yield b"c" * 10_000
+
+    # Chunked bodies: HAProxy takes them through the route's twin backend.
+    assert (await gate.client.post("/svc/a", content=chunked(20_000))).status_code == 200
+    assert (await gate.client.post("/svc/a", content=chunked(300_000))).status_code == 413
     assert (await gate.client.get("/elsewhere")).status_code == 404
     await gate.engine.apply(table(Backend("c1", upstream.url, 0), Backend("dead", dead, 1)))
     assert (await gate.client.get("/svc/a")).status_code == 502
@@ -82,6 +94,7 @@ async def test_request_metrics_have_the_right_values(
         ("raygate_time_to_first_byte_seconds_count", ("c1", None)): 3,
         ("raygate_requests_total", ("dead", "502")): 1,
         ("raygate_requests_total", ("", "503")): 1,
+        ("raygate_requests_total", ("", "413")): 1,
         ("raygate_upstream_errors_total", ("dead", "connect")): 1,
     }
 
