@@ -116,6 +116,25 @@ def _answer(status: int, body: str, condition: str) -> str:
     )
 
 
+# Hop-by-hop headers (RFC 9110 7.6.1) that HAProxy forwards as they are; it handles
+# Connection, Transfer-Encoding and Upgrade itself, and keeps TE only as "TE: trailers".
+# Host is passed through unchanged, so a client's X-Forwarded-Host would only lie.
+REQUEST_DROPPED = ("keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization",
+                   "x-forwarded-host")  # fmt: skip
+RESPONSE_DROPPED = ("keep-alive", "proxy-authenticate")
+
+
+def _drop(side: str, names: tuple[str, ...]) -> str:
+    """Delete these headers, in one rule gated on one pass over the header names (HAProxy
+    keeps names in lower case): cheaper than a del-header per name when none is there."""
+    alternatives = "|".join(names)
+    where = "req" if side == "request" else "res"
+    return (
+        f"    http-{side} del-header ^({alternatives})$ -m reg"
+        f" if {{ {where}.hdr_names -m reg (^|,)({alternatives})(,|$) }}"
+    )
+
+
 def _hostport(url: str) -> str:
     return url.split("://", 1)[-1].rstrip("/")
 
@@ -175,8 +194,11 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    http-request set-var(txn.rid) req.fhdr(x-request-id)",
         "    http-after-response add-header x-request-id %[var(txn.rid)]"
         " unless { res.hdr_cnt(x-request-id) gt 0 }",
+        # req.hdrs copies every header out: gate it on the buffered size (headers in HAProxy's
+        # compact form, at least a quarter of their size on the wire, plus any body).
         _answer(431, _body(f"request headers over {s.max_header_bytes} bytes"),
-                f"{{ req.hdrs,length gt {s.max_header_bytes} }}"),
+                f"{{ req.len gt {s.max_header_bytes // 4} }}"
+                f" {{ req.hdrs,length gt {s.max_header_bytes} }}"),
         _answer(413, _body(f"request body over {s.max_body_bytes} bytes"),
                 f"{{ req.hdr_val(content-length) gt {s.max_body_bytes} }}"),
         _answer(501, _body("WebSocket is not supported by this gateway"),
@@ -186,17 +208,12 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         '    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]"'
         " if { req.hdr_cnt(x-forwarded-for) gt 0 }",
         "    http-request set-header X-Forwarded-Proto http",
-        # Host is passed through unchanged, so a client's X-Forwarded-Host would only lie.
-        "    http-request del-header X-Forwarded-Host",
+        # Hop-by-hop headers HAProxy passes on, and X-Forwarded-Host: all are rare, so one
+        # look at the header names decides whether any needs deleting.
+        _drop("request", REQUEST_DROPPED),
         "    http-request lua.drop_listed_request if { req.hdr_cnt(connection) gt 0 }",
-        "    http-request del-header keep-alive",
-        "    http-request del-header te",
-        "    http-request del-header trailer",
-        "    http-request del-header proxy-connection",
-        "    http-request del-header proxy-authorization",
         "    http-response lua.drop_listed_response if { res.hdr_cnt(connection) gt 0 }",
-        "    http-response del-header keep-alive",
-        "    http-response del-header proxy-authenticate",
+        _drop("response", RESPONSE_DROPPED),
         # A server was chosen but could not be reached: that is the upstream failing (502),
         # not "no cluster" (503), which is what HAProxy answers in both cases.
         "    http-after-response set-status 502 if { status 503 } { srv_name -m found }",

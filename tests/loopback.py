@@ -60,7 +60,8 @@ async def upstream() -> AsyncIterator[Upstream]:
         return web.json_response(
             {"method": request.method, "path": request.path_qs, "size": len(body),
              "from": "a"},
-            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5"},
+            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5",
+                     "Proxy-Authenticate": "Basic"},
         )  # fmt: skip
 
     async def stream(request: web.Request) -> web.StreamResponse:

@@ -82,13 +82,17 @@ async def test_proxies_method_query_body_and_headers(gate: Gate, upstream: Upstr
     r = await gate.client.post(
         "/svc/predict?x=1&y=2",
         content=b"z" * 5000,
-        headers={"Connection": "X-Secret", "X-Secret": "hop", "TE": "trailers", "X-Keep": "1"},
-    )
+        headers={"Connection": "X-Secret", "X-Secret": "hop", "TE": "trailers", "X-Keep": "1",
+                 "Keep-Alive": "timeout=5", "Trailer": "X-Sum", "Proxy-Connection": "keep-alive",
+                 "Proxy-Authorization": "Basic eDp5"},
+    )  # fmt: skip
     assert r.status_code == 200
     assert r.json() == {"method": "POST", "path": "/svc/predict?x=1&y=2", "size": 5000,
                         "from": "a"}  # fmt: skip
     seen = {k.lower(): v for k, v in upstream.seen_headers.items()}
-    assert "x-secret" not in seen and "te" not in seen
+    hop_by_hop = {"x-secret", "te", "keep-alive", "trailer", "proxy-connection",
+                  "proxy-authorization"}  # fmt: skip
+    assert not hop_by_hop & seen.keys()
     assert seen["x-keep"] == "1"
     assert seen["x-forwarded-for"] == "127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
@@ -97,7 +101,8 @@ async def test_proxies_method_query_body_and_headers(gate: Gate, upstream: Upstr
     assert str(uuid.UUID(seen["x-request-id"])) == seen["x-request-id"]
     assert "connection" not in seen
     assert r.headers["x-request-id"] == seen["x-request-id"]
-    assert r.headers["x-upstream"] == "yes" and "keep-alive" not in r.headers
+    assert r.headers["x-upstream"] == "yes"
+    assert "keep-alive" not in r.headers and "proxy-authenticate" not in r.headers
 
 
 async def test_large_chunked_request_body_streams_through(gate: Gate, upstream: Upstream) -> None:
