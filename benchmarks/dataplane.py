@@ -11,6 +11,11 @@ Every proxy gets one core's worth of workers (nginx: worker_processes 1) unless 
 Rounds are interleaved (every target once per round). Medians are reported, and the ratio to
 nginx is the median of the per-round ratios: the machine's speed drifts by +-10% over minutes,
 and a ratio of two runs seconds apart cancels most of that drift.
+
+It also reports CPU time per request (user + system) of each proxy's whole process tree
+(raygate's, with the HAProxy engine: raygate plus HAProxy): requests per second on a 2-core
+machine shared by wrk, proxy and upstream depend on how the scheduler shares the cores,
+while CPU per request says what a proxy would serve with a core to itself.
 """
 
 from __future__ import annotations
@@ -106,6 +111,12 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    requests: int = 0
+    cpu_s: float = 0.0  # CPU time (user + system) of the target's whole process tree
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / self.requests * 1e6 if self.requests else float("nan")
 
 
 def _ms(text: str) -> float:
@@ -113,18 +124,41 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url: str, conns: int, seconds: float, script: Path | None) -> Result:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants: for a
+    raygate gateway that is raygate itself plus, with the HAProxy engine, HAProxy."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a process that just exited
+    return total
+
+
+def wrk(
+    url: str, conns: int, seconds: float, script: Path | None, pid: int | None = None
+) -> Result:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", url]
     if script is not None:
         cmd[1:1] = ["-s", str(script)]
+    cpu0 = tree_cpu_s(pid) if pid else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    cpu = tree_cpu_s(pid) - cpu0 if pid else 0.0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors or "Socket errors" in out:
         raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
-    return Result(rps, p50, p99)
+    return Result(rps, p50, p99, requests, cpu)
 
 
 def rss_mb(pid: int) -> float:
@@ -185,6 +219,9 @@ def main() -> int:
                     "raygate2": rg2_port, "haproxy": hx_port}  # fmt: skip
         targets = {t: f"http://127.0.0.1:{port}/svc" for t, port in ports_of.items()
                    if t in ("direct", "nginx", *chosen)}  # fmt: skip
+        # Whose CPU time a row counts: the proxy's process tree (the upstream's for direct).
+        pids = {"direct": procs[0].pid, "nginx": procs[1].pid,
+                **{name: g.pid for name, g in gateways.items()}}  # fmt: skip
         for target in targets:
             wait_port(ports_of[target])
         post = work / "post.lua"
@@ -199,7 +236,7 @@ def main() -> int:
                 # Every other round runs the targets in reverse, so none is always first.
                 order = list(targets.items())
                 for target, url in order if rnd % 2 == 0 else reversed(order):
-                    res = wrk(url, conns, args.seconds, script)
+                    res = wrk(url, conns, args.seconds, script, pids[target])
                     samples.setdefault((target, method, conns), []).append(res)
                     if target == "raygate":
                         rss.append(rss_mb(gateways["raygate"].pid))
@@ -246,6 +283,26 @@ def report(samples: dict[tuple[str, str, int], list[Result]], rss: list[float],
             print(f"{case:<16}{target:<9}{r.rps:>10,.0f}{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}"
                   f"{paired(target, 'direct', method, conns):>10.1%}"
                   f"{paired(target, 'nginx', method, conns):>10.1%}  {each}")  # fmt: skip
+
+    def cpu_ratio(target: str, method: str, conns: int) -> float:
+        """Median over rounds of nginx's CPU per request over the target's: the share of
+        nginx's requests per core the target would serve with a core to itself."""
+        pairs = zip(samples[(target, method, conns)], samples[("nginx", method, conns)],
+                    strict=True)  # fmt: skip
+        return statistics.median(n.cpu_us_per_request / t.cpu_us_per_request for t, n in pairs)
+
+    print(
+        "\nCPU per request (user + system, the proxy's whole process tree; direct: the "
+        "upstream's), medians; capacity = nginx's CPU per request / the target's"
+    )
+    print(f"{'case':<16}{'target':<9}{'us/request':>11}{'capacity vs nginx':>19}")
+    for method, conns in cases:
+        for target in targets:
+            if target == "direct":
+                continue
+            us = statistics.median(r.cpu_us_per_request for r in samples[(target, method, conns)])
+            print(f"{method + ' c' + str(conns):<16}{target:<9}{us:>11.1f}"
+                  f"{cpu_ratio(target, method, conns):>18.1%}")  # fmt: skip
     for method, conns in cases:
         if conns != 1:
             continue
