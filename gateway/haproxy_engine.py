@@ -12,11 +12,12 @@
   connection). Weight changes go to old workers too, through the master CLI (`@!<pid>`).
 - Request metrics (exact status codes, duration and time-to-first-byte histograms, the same
   names as the Python engine) come from HAProxy's request log, written to an in-memory ring
-  and streamed through the current worker's runtime API (`show events <ring> -w`). Such a
-  CLI session keeps a worker alive, so on a reload the old worker's reader is closed: what
-  an old worker still answers after a reload (the last request on an idle connection) is
-  not counted. Reloads happen when a cluster joins or leaves a route, not at the switch,
-  which is a weight change. Times have HAProxy's ms resolution.
+  and streamed through the current worker's runtime API (`show events <ring> -w`). A
+  worker is reachable on that socket only while it is current, so its reader is opened
+  before any reload, and kept after it: an old worker still answers what is in flight and
+  the last request on each kept-alive connection. Such a CLI session keeps a worker alive,
+  so once the old worker has no connection left its reader reads the ring to the end and
+  closes, and the worker exits. Times have HAProxy's ms resolution.
   Upstream errors and in-flight counts come from `show stat`.
 - Every route is two HAProxy backends with the same servers: its own, and a twin that takes
   chunked requests and counts their bodies (the body_limit Lua filter). Weights are set on
@@ -35,6 +36,7 @@ import re
 import signal
 from collections import Counter
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.haproxy_config import (
@@ -52,6 +54,8 @@ from gateway.routes import RouteTable
 log = logging.getLogger("raygate.haproxy")
 
 LOG_BATCH_S = 0.25  # request metrics lag HAProxy by at most about this
+LOG_QUIET_S = 0.5  # a finishing reader stops once its ring has been silent this long
+OLD_WORKER_TIMEOUT_S = 2.0  # an old worker that does not answer this fast is exiting
 
 
 def haproxy_binary() -> str:
@@ -64,7 +68,15 @@ class HAProxyError(Exception):
     pass
 
 
-async def _ask(socket_path: Path, line: str, command: str) -> str:
+@dataclass
+class _Reader:
+    """A CLI session streaming one worker's request ring (`show events -w`)."""
+
+    task: asyncio.Task[None]
+    finish: asyncio.Event  # set: read to the end of the ring, then close
+
+
+async def _ask(socket_path: Path, line: str, command: str, timeout_s: float = 10) -> str:
     """Send one line to a HAProxy CLI socket and read the answer to EOF. `set` commands
     answer nothing when they succeed, so any text after one is HAProxy refusing it."""
     # On a reload the master re-executes itself, and its socket refuses connections for a
@@ -80,7 +92,7 @@ async def _ask(socket_path: Path, line: str, command: str) -> str:
     try:
         writer.write(line.encode() + b"\n")
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
+        data = await asyncio.wait_for(reader.read(), timeout_s)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -104,7 +116,8 @@ class HAProxyEngine:
         self._stopping = False
         self._lock = asyncio.Lock()
         self._last_counts: dict[tuple[str, ...], int] = {}
-        self._readers: dict[int, asyncio.Task[None]] = {}  # worker pid -> its log reader
+        self._readers: dict[int, _Reader] = {}  # worker pid -> its request log reader
+        self._retired: set[int] = set()  # old workers whose reader finished: they are exiting
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
 
@@ -239,11 +252,11 @@ class HAProxyEngine:
         """A command to the current worker's runtime API socket."""
         return await _ask(self.settings.admin_socket, line, line)
 
-    async def master(self, line: str) -> str:
+    async def master(self, line: str, timeout_s: float = 10) -> str:
         """A master CLI command, `@!<pid> ...` for one worker. The master keeps a connection
         open after most answers; a trailing `quit` closes it, so the answer ends at EOF."""
         command = line.split(" ", 1)[1] if line.startswith("@!") else line
-        return await _ask(self.settings.master_socket, line + ";quit", command)
+        return await _ask(self.settings.master_socket, line + ";quit", command, timeout_s)
 
     async def workers(self) -> tuple[list[int], list[int]]:
         """(current worker, old workers still finishing their requests) as pids."""
@@ -260,18 +273,24 @@ class HAProxyEngine:
 
     async def _old_worker(self, pid: int, line: str) -> str | None:
         """An old worker may exit between `show proc` and this command: then it is gone,
-        which is what we wanted to know, not an error."""
+        which is what we wanted to know, not an error. The master CLI does not answer for a
+        worker that is exiting, hence the short timeout; retired workers are not asked."""
+        if pid in self._retired:
+            return None
         try:
-            return await self.master(f"@!{pid} {line}")
+            return await self.master(f"@!{pid} {line}", OLD_WORKER_TIMEOUT_S)
         except (OSError, HAProxyError, TimeoutError) as exc:
             log.debug("old haproxy worker %s: %r", pid, exc)
             return None
 
     async def _reload(self) -> None:
-        # A log reader's CLI session would keep the old worker alive: close it first. What
-        # the old worker answers after this is not in the request metrics (see the module
-        # docstring); the new worker's ring is read from its start.
-        await self._close_readers(keep=())
+        # The old worker's log reader stays: it counts what the old worker still answers,
+        # and is finished once that worker has no connection left (see _follow_logs). A
+        # worker can only be reached through the runtime API socket while it is the current
+        # one, so it gets its reader now if the follow loop has not opened one yet.
+        current, _old = await self.workers()
+        if current and current[0] not in self._readers:
+            await self._open_reader()
         answer = await self.master("reload")
         if "Success=1" not in answer:
             raise HAProxyError(f"haproxy reload failed: {answer.strip()[:2000]}")
@@ -341,24 +360,47 @@ class HAProxyEngine:
 
     # ---- request log ----------------------------------------------------------------------
     async def _follow_logs(self) -> None:
-        """A reader on the current worker's request ring, opened again after each reload
-        or restart."""
+        """A reader on every worker's request ring: the current worker's, opened again after
+        each reload or restart, and each old worker's until it has nothing left to log."""
         while not self._stopping:
             with contextlib.suppress(OSError, HAProxyError, ValueError, TimeoutError):
                 current, old = await self.workers()
-                await self._close_readers(keep=current)
+                live = set(current + old)
+                self._retired &= live
+                await self._close_readers(keep=live)  # readers of workers that are gone
+                for pid in old:
+                    if pid in self._readers and await self._has_no_connections(pid):
+                        await self._finish_reader(pid)
                 if current and current[0] not in self._readers:
-                    async with self._lock:  # not while a reload closes the readers
+                    async with self._lock:  # not while a reload is under way
                         await self._open_reader()
-                gone = set(self._lines_read) - set(current + old)
-                for pid in gone:
+                for pid in set(self._lines_read) - live:
                     del self._lines_read[pid]
             await asyncio.sleep(0.2)
 
+    async def _has_no_connections(self, pid: int) -> bool:
+        """An old worker whose clients and servers are all gone: everything it will ever
+        log is in its ring. Its reader's CLI session is what keeps it alive now."""
+        text = await self._old_worker(pid, "show stat -1 5 -1")  # frontends and servers
+        if text is None:
+            return False
+        rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+        return bool(rows) and all(int(r["scur"] or 0) == 0 for r in rows if r.get("svname"))
+
+    async def _finish_reader(self, pid: int) -> None:
+        """Read the old worker's ring to its end, then close the session so it can exit."""
+        reader = self._readers.pop(pid)
+        self._retired.add(pid)
+        reader.finish.set()
+        done, _ = await asyncio.wait([reader.task], timeout=5)
+        if not done:  # a ring that never goes quiet: the worker is stuck, let it go
+            reader.task.cancel()
+            await asyncio.wait([reader.task])
+
     async def _close_readers(self, keep: Collection[int]) -> None:
         """Close the log readers of workers not in `keep`, and of exited workers."""
-        for pid in [p for p, task in self._readers.items() if task.done() or p not in keep]:
-            task = self._readers.pop(pid)
+        for pid in [p for p, r in self._readers.items() if r.task.done() or p not in keep]:
+            task = self._readers.pop(pid).task
             task.cancel()
             await asyncio.wait([task])  # its session is closed when this returns
 
@@ -379,20 +421,36 @@ class HAProxyEngine:
         if pid in self._readers:  # a reload raced us: that worker has a reader already
             writer.close()
             return
-        self._readers[pid] = asyncio.create_task(
-            self._read_log(pid, reader, writer), name=f"haproxy-log-{pid}"
+        finish = asyncio.Event()
+        task = asyncio.create_task(
+            self._read_log(pid, reader, writer, finish), name=f"haproxy-log-{pid}"
         )
+        self._readers[pid] = _Reader(task, finish)
 
     async def _read_log(
-        self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        pid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        finish: asyncio.Event,
     ) -> None:
+        """Count the ring's lines as they come, in batches. Once `finish` is set, read until
+        the ring has been quiet for LOG_QUIET_S, then close."""
         # A second session on the same worker reads its ring from the start again: skip what
         # the first one counted.
         skip = self._lines_read.get(pid, 0)
         rest = b""
         try:
             while True:
-                data = await reader.read(1 << 16)
+                finishing = finish.is_set()
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(1 << 16), LOG_QUIET_S if finishing else LOG_BATCH_S
+                    )
+                except TimeoutError:
+                    if finishing:
+                        return
+                    continue  # a quiet ring: look at `finish` again
                 if not data:
                     return
                 lines = (rest + data).split(b"\n")
@@ -403,7 +461,9 @@ class HAProxyEngine:
                 self._lines_read[pid] = self._lines_read.get(pid, 0) + len(lines)
                 self._count(Counter(lines))
                 # Read in batches: a wake-up per request would cost more than the parsing.
-                await asyncio.sleep(LOG_BATCH_S)
+                if not finish.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(finish.wait(), LOG_BATCH_S)
         finally:
             writer.close()
 

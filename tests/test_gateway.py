@@ -4,6 +4,7 @@ gateway under uvicorn. Streaming, retries, timeouts, limits, headers, in-flight 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -324,6 +325,15 @@ async def test_haproxy_reloads_under_keepalive_load_drop_nothing(
     await asyncio.gather(*clients)
     failures = [o for o in outcomes if o != "ok"]
     assert len(outcomes) > 500 and not failures, f"{len(failures)}/{len(outcomes)}: {failures[:5]}"
+    # Every request is in the metrics, the ones old workers answered after a reload too.
+    labels = {"service": "svc", "app": "app", "cluster": "a", "code": "200"}
+
+    def counted() -> float | None:
+        return haproxy.metrics.registry.get_sample_value("raygate_requests_total", labels)
+
+    with contextlib.suppress(AssertionError):
+        await until(lambda: counted() == len(outcomes), 10)
+    assert counted() == len(outcomes)
 
 
 async def test_haproxy_weight_change_applies_within_50ms(

@@ -123,6 +123,47 @@ async def test_request_metrics_have_the_right_values(
     assert b"/svc/a" not in generate_latest(reg)
 
 
+async def test_haproxy_counts_what_the_old_worker_answers_after_a_reload(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A reload leaves the old worker to answer the last request on each kept-alive
+    connection: it is counted too, and the old worker still exits once it is done."""
+    registry = CollectorRegistry()
+    port = free_port()
+    hx = HAProxyEngine(HAProxySettings(tmp_path / "hx", port=port), Metrics(registry))
+    await hx.start()
+    try:
+        await hx.apply(table(Backend("c1", upstream.url, 1)))
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
+        ) as client:
+            for _ in range(5):
+                assert (await client.get("/svc/a")).status_code == 200
+            # A cluster joins the route: a reload. The kept-alive connection stays with the
+            # old worker, which answers one more request on it and closes it.
+            await hx.apply(table(Backend("c1", upstream.url, 1), Backend("c2", upstream.url, 0)))
+            _current, old = await hx.workers()
+            assert old, "the reload left no old worker"
+            r = await client.get("/svc/a")
+            assert r.status_code == 200 and r.headers.get("connection") == "close"
+            for _ in range(4):  # a new connection, to the new worker
+                assert (await client.get("/svc/a")).status_code == 200
+        labels = {"service": "svc", "app": "app", "cluster": "c1", "code": "200"}
+        with contextlib.suppress(AssertionError):
+            await until(lambda: registry.get_sample_value("raygate_requests_total", labels) == 10)
+        assert registry.get_sample_value("raygate_requests_total", labels) == 10
+
+        async def old_workers_gone() -> bool:
+            return not set(old) & set((await hx.workers())[1])
+
+        deadline = time.monotonic() + 10
+        while not await old_workers_gone():
+            assert time.monotonic() < deadline, "the old worker is still alive after 10 s"
+            await asyncio.sleep(0.1)
+    finally:
+        await hx.drain(10)
+
+
 async def test_in_flight_gauge_counts_an_open_stream(
     metered: tuple[Gate, CollectorRegistry], upstream: Upstream
 ) -> None:
