@@ -118,9 +118,10 @@ def _answer(status: int, body: str, condition: str) -> str:
 
 # Hop-by-hop headers (RFC 9110 7.6.1) that HAProxy forwards as they are; it handles
 # Connection, Transfer-Encoding and Upgrade itself, and keeps TE only as "TE: trailers".
-# Host is passed through unchanged, so a client's X-Forwarded-Host would only lie.
+# Host is passed through unchanged, so a client's X-Forwarded-Host would only lie, and
+# X-Forwarded-Proto is the gateway's to say.
 REQUEST_DROPPED = ("keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization",
-                   "x-forwarded-host")  # fmt: skip
+                   "x-forwarded-host", "x-forwarded-proto")  # fmt: skip
 RESPONSE_DROPPED = ("keep-alive", "proxy-authenticate")
 
 
@@ -207,10 +208,10 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         # `option forwardfor if-none` adds it natively when the client sent none.
         '    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]"'
         " if { req.hdr_cnt(x-forwarded-for) gt 0 }",
-        "    http-request set-header X-Forwarded-Proto http",
-        # Hop-by-hop headers HAProxy passes on, and X-Forwarded-Host: all are rare, so one
-        # look at the header names decides whether any needs deleting.
+        # Hop-by-hop headers HAProxy passes on, and a client's X-Forwarded-Host and -Proto:
+        # all are rare, so one look at the header names decides whether any needs deleting.
         _drop("request", REQUEST_DROPPED),
+        "    http-request add-header X-Forwarded-Proto http",  # a client's was dropped above
         "    http-request lua.drop_listed_request if { req.hdr_cnt(connection) gt 0 }",
         "    http-response lua.drop_listed_response if { res.hdr_cnt(connection) gt 0 }",
         _drop("response", RESPONSE_DROPPED),

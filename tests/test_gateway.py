@@ -280,11 +280,14 @@ async def test_client_forwarded_for_is_appended_to_not_trusted(
     await gate.engine.apply(table(Backend("c1", upstream.url, 1)))
     for sent in ("6.6.6.6", "6.6.6.6, 7.7.7.7"):
         await gate.client.get(
-            "/svc/x", headers={"X-Forwarded-For": sent, "X-Forwarded-Host": "evil.example"}
-        )
+            "/svc/x",
+            headers={"X-Forwarded-For": sent, "X-Forwarded-Host": "evil.example",
+                     "X-Forwarded-Proto": "https"},
+        )  # fmt: skip
         lines = [(k.lower(), v) for k, v in upstream.seen_lines]
         assert [v for k, v in lines if k == "x-forwarded-for"] == [f"{sent}, 127.0.0.1"]
         assert not [v for k, v in lines if k == "x-forwarded-host"]
+        assert [v for k, v in lines if k == "x-forwarded-proto"] == ["http"]
 
 
 # ---- HAProxy engine only: what comes from running a separate process ------------------------
