@@ -461,9 +461,15 @@ class HAProxyEngine:
                 self._lines_read[pid] = self._lines_read.get(pid, 0) + len(lines)
                 self._count(Counter(lines))
                 # Read in batches: a wake-up per request would cost more than the parsing.
+                # The transport stops reading meanwhile, or the event loop would still wake
+                # for every line HAProxy sends (a line per request when requests are few).
                 if not finish.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(finish.wait(), LOG_BATCH_S)
+                    writer.transport.pause_reading()  # type: ignore[attr-defined]
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(finish.wait(), LOG_BATCH_S)
+                    finally:
+                        writer.transport.resume_reading()  # type: ignore[attr-defined]
         finally:
             writer.close()
 
