@@ -195,11 +195,8 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    http-request set-var(txn.rid) req.fhdr(x-request-id)",
         "    http-after-response add-header x-request-id %[var(txn.rid)]"
         " unless { res.hdr_cnt(x-request-id) gt 0 }",
-        # req.hdrs copies every header out: gate it on the buffered size (headers in HAProxy's
-        # compact form, at least a quarter of their size on the wire, plus any body).
         _answer(431, _body(f"request headers over {s.max_header_bytes} bytes"),
-                f"{{ req.len gt {s.max_header_bytes // 4} }}"
-                f" {{ req.hdrs,length gt {s.max_header_bytes} }}"),
+                f"{{ req.hdrs,length gt {s.max_header_bytes} }}"),
         _answer(413, _body(f"request body over {s.max_body_bytes} bytes"),
                 f"{{ req.hdr_val(content-length) gt {s.max_body_bytes} }}"),
         _answer(501, _body("WebSocket is not supported by this gateway"),
