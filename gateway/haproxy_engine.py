@@ -74,6 +74,7 @@ class _Reader:
 
     task: asyncio.Task[None]
     finish: asyncio.Event  # set: read to the end of the ring, then close
+    writer: asyncio.StreamWriter  # closing it ends the session whatever the task does
 
 
 async def _ask(socket_path: Path, line: str, command: str, timeout_s: float = 10) -> str:
@@ -92,7 +93,8 @@ async def _ask(socket_path: Path, line: str, command: str, timeout_s: float = 10
     try:
         writer.write(line.encode() + b"\n")
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            data = await reader.read()
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -395,14 +397,19 @@ class HAProxyEngine:
         done, _ = await asyncio.wait([reader.task], timeout=5)
         if not done:  # a ring that never goes quiet: the worker is stuck, let it go
             reader.task.cancel()
-            await asyncio.wait([reader.task])
+            reader.writer.close()
+            await asyncio.wait([reader.task], timeout=2)
 
     async def _close_readers(self, keep: Collection[int]) -> None:
         """Close the log readers of workers not in `keep`, and of exited workers."""
         for pid in [p for p, r in self._readers.items() if r.task.done() or p not in keep]:
-            task = self._readers.pop(pid).task
-            task.cancel()
-            await asyncio.wait([task])  # its session is closed when this returns
+            reader = self._readers.pop(pid)
+            reader.task.cancel()
+            done, _ = await asyncio.wait([reader.task], timeout=2)
+            if not done:  # never leave a session that would keep a worker alive
+                log.warning("haproxy log reader of %s did not stop; closing its socket", pid)
+                reader.writer.close()
+                await asyncio.wait([reader.task], timeout=2)
 
     async def _open_reader(self) -> None:
         """A session on the current worker: `show info` says which worker it is, then the
@@ -410,7 +417,8 @@ class HAProxyEngine:
         reader, writer = await asyncio.open_unix_connection(str(self.settings.admin_socket))
         try:
             writer.write(f"show info;show events {LOG_RING} -w\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\n\n")
             found = re.search(rb"^Pid: (\d+)$", head, re.MULTILINE)
             if found is None:
                 raise HAProxyError("show info gave no Pid")
@@ -425,7 +433,7 @@ class HAProxyEngine:
         task = asyncio.create_task(
             self._read_log(pid, reader, writer, finish), name=f"haproxy-log-{pid}"
         )
-        self._readers[pid] = _Reader(task, finish)
+        self._readers[pid] = _Reader(task, finish, writer)
 
     async def _read_log(
         self,
@@ -443,10 +451,12 @@ class HAProxyEngine:
         try:
             while True:
                 finishing = finish.is_set()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the read completes, and the reader would
+                # never stop (a drain waited on it forever).
                 try:
-                    data = await asyncio.wait_for(
-                        reader.read(1 << 16), LOG_QUIET_S if finishing else LOG_BATCH_S
-                    )
+                    async with asyncio.timeout(LOG_QUIET_S if finishing else LOG_BATCH_S):
+                        data = await reader.read(1 << 16)
                 except TimeoutError:
                     if finishing:
                         return
@@ -467,7 +477,8 @@ class HAProxyEngine:
                     writer.transport.pause_reading()  # type: ignore[attr-defined]
                     try:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(finish.wait(), LOG_BATCH_S)
+                            async with asyncio.timeout(LOG_BATCH_S):
+                                await finish.wait()
                     finally:
                         writer.transport.resume_reading()  # type: ignore[attr-defined]
         finally:
