@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
     up.add_argument(
         "--engine",
-        choices=["python", "haproxy"],
-        default="python",
-        help="data plane: python (default) or the HAProxy that ray[serve] ships",
+        choices=["haproxy", "python"],
+        default="haproxy",
+        help="data plane: the HAProxy that ray[serve] ships (default), or python",
     )
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
@@ -66,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--admin-port", type=int, default=8001, help="/metrics and /-/healthz")
     gw.add_argument("--timeout", type=float, default=60.0, help="per-route upstream timeout")
     gw.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
-    gw.add_argument("--engine", choices=["python", "haproxy"], default="python")
+    gw.add_argument(
+        "--engine",
+        choices=["haproxy", "python"],
+        default="haproxy",
+        help="data plane: the HAProxy that ray[serve] ships (default), or python",
+    )
     gw.add_argument(
         "--workers",
         type=int,

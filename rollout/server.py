@@ -45,7 +45,7 @@ class UpSettings:
     admin_port: int = 8001
     drain_timeout_s: float = 30.0
     token: str | None = None  # RAYGATE_TOKEN, read by the CLI
-    engine: str = "python"  # or "haproxy"
+    engine: str = "haproxy"  # or "python"
 
 
 class _Server(uvicorn.Server):
@@ -217,7 +217,7 @@ class GatewayOnlySettings:
     drain_timeout_s: float = 30.0
     workers: int = 1
     serve_admin: bool = True  # False in the extra worker processes
-    engine: str = "python"
+    engine: str = "haproxy"  # or "python"
 
 
 def standalone_table(routes: Sequence[tuple[str, str]], timeout_s: float) -> RouteTable:
