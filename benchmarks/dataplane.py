@@ -4,9 +4,9 @@ same run, all on loopback. Run it with `./dev bench` (installs nginx and wrk fro
 Targets, measured with wrk (-t1) at 32 connections and at 1, GET and a 2 KiB POST:
   direct   wrk -> upstream (nginx answering a 100-byte body)
   nginx    wrk -> nginx reverse proxy (keepalive 64) -> upstream
-  raygate  wrk -> `raygate gateway` (one worker) -> upstream
-  raygate2 wrk -> `raygate gateway --workers 2` -> upstream
-  haproxy  wrk -> `raygate gateway --engine haproxy` (one thread) -> upstream
+  raygate  wrk -> `raygate gateway --engine python` (one worker) -> upstream
+  raygate2 wrk -> `raygate gateway --engine python --workers 2` -> upstream
+  haproxy  wrk -> `raygate gateway --engine haproxy` (one thread, the default) -> upstream
 Every proxy gets one core's worth of workers (nginx: worker_processes 1) unless a row says so.
 Rounds are interleaved (every target once per round). Medians are reported, and the ratio to
 nginx is the median of the per-round ratios: the machine's speed drifts by +-10% over minutes,
@@ -204,8 +204,8 @@ def main() -> int:
             procs.append(subprocess.Popen(["nginx", "-p", str(work), "-c", str(conf)]))
         gateways = {}
         for name, port, admin, extra in (
-            ("raygate", rg_port, rg_admin, []),
-            ("raygate2", rg2_port, rg2_admin, ["--workers", "2"]),
+            ("raygate", rg_port, rg_admin, ["--engine", "python"]),
+            ("raygate2", rg2_port, rg2_admin, ["--engine", "python", "--workers", "2"]),
             ("haproxy", hx_port, hx_admin, ["--engine", "haproxy", "--workers", "1"]),
         ):
             if name not in chosen:
