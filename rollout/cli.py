@@ -1,5 +1,6 @@
-"""The `raygate` command: `up` runs everything in the foreground; `push`, `status`, `history`
-and `delete` talk to the admin API with httpx."""
+"""The `raygate` command: `up` runs everything in the foreground, `down` tears down what an
+`up --on-exit keep` left; `push`, `status`, `history` and `delete` talk to the admin API with
+httpx."""
 
 from __future__ import annotations
 
@@ -48,8 +49,22 @@ def _parser() -> argparse.ArgumentParser:
         default="haproxy",
         help="data plane: the HAProxy that ray[serve] ships (default), or python",
     )
+    up.add_argument(
+        "--on-exit",
+        choices=["teardown", "keep"],
+        default="teardown",
+        help="on SIGTERM/SIGINT: stop every cluster and the data plane (teardown, default), "
+        "or stop only raygate and leave them serving for the next `raygate up` (keep)",
+    )
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
+
+    down = sub.add_parser(
+        "down", help="tear down the clusters and HAProxy a raygate left (`up --on-exit keep`)"
+    )
+    down.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
+    down.add_argument("--log-level", default="INFO")
+    down.set_defaults(func=_down)
 
     gw = sub.add_parser(
         "gateway", help="only the data plane, in front of endpoints raygate did not start"
@@ -133,8 +148,18 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         admin_port=args.admin_port,
         token=os.environ.get("RAYGATE_TOKEN") or None,
+        on_exit=args.on_exit,
     )
     return _run(run_up(settings, specs))
+
+
+def _down(args: argparse.Namespace) -> int:
+    from rollout.server import run_down
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return _run(run_down(args.state_dir.resolve()))
 
 
 def _gateway(args: argparse.Namespace) -> int:

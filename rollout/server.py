@@ -1,6 +1,12 @@
 """`raygate up`: the composition root. Wires store, provider, gateway, controller and the two
 HTTP servers (data plane, admin API) into one asyncio process, and shuts them down in order:
 gateway stops taking requests and drains, controller stops, every cluster is stopped by PID.
+
+With `on_exit="keep"` the shutdown stops raygate's own process only: clusters and a data
+plane that can outlive raygate (HAProxy) keep serving, and the next `raygate up` on the same
+state dir adopts them. `raygate down` (run_down) tears down what such a raygate left.
+It drives the engine through the `DataPlane` lifecycle only: which engine it holds is
+`make_engine`'s business alone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from gateway.dataplane import ASGIApp, DataPlane
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
 from gateway.metrics import Metrics
@@ -46,6 +53,7 @@ class UpSettings:
     drain_timeout_s: float = 30.0
     token: str | None = None  # RAYGATE_TOKEN, read by the CLI
     engine: str = "haproxy"  # or "python"
+    on_exit: str = "teardown"  # or "keep": leave clusters and HAProxy serving
 
 
 class _Server(uvicorn.Server):
@@ -69,7 +77,7 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
 
 
 def data_plane_config(
-    gateway: PythonGateway, host: str, port: int, drain_timeout_s: float = 30.0
+    gateway: ASGIApp, host: str, port: int, drain_timeout_s: float = 30.0
 ) -> uvicorn.Config:
     """uvicorn as a proxy's front: the upstream's Server and Date headers pass through (no
     duplicates), and a client's own X-Forwarded-For never replaces its address."""
@@ -92,13 +100,14 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-Engine = PythonGateway | HAProxyEngine
+ENGINES = ("haproxy", "python")  # the names make_engine knows
 
 
 def make_engine(
     name: str, metrics: Metrics, work_dir: Path, host: str, port: int, max_body_bytes: int,
     health_path: str | None, threads: int = 1,
-) -> Engine:  # fmt: skip
+) -> DataPlane:  # fmt: skip
+    """The one place that knows the engines by name."""
     if name == "haproxy":
         return HAProxyEngine(
             HAProxySettings(work_dir / "haproxy", host=host, port=port, threads=threads,
@@ -109,21 +118,25 @@ def make_engine(
 
 
 async def serve_until_signal(
-    gateway: Engine,
+    gateway: DataPlane,
     admin: Any | None,
     host: str,
     port: int,
     admin_port: int,
     drain_timeout_s: float,
     data_socket: socket.socket | None = None,
+    keep: bool = False,
 ) -> int:
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
     in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
-    finish (bounded by `drain_timeout_s`). Returns 0, or 1 if a server failed."""
+    finish (bounded by `drain_timeout_s`). With `keep`, a data plane that can outlive
+    raygate is released instead, still serving. Returns 0, or 1 if a server or the engine
+    failed."""
     servers = []
     data_server = None
-    if isinstance(gateway, PythonGateway):
-        data_server = _Server(data_plane_config(gateway, host, port, drain_timeout_s))
+    app = gateway.app()
+    if app is not None:
+        data_server = _Server(data_plane_config(app, host, port, drain_timeout_s))
         servers.append(
             asyncio.create_task(
                 data_server.serve(sockets=[data_socket] if data_socket else None), name="data"
@@ -143,21 +156,45 @@ async def serve_until_signal(
         loop.add_signal_handler(sig, stop.set)
     stopper = asyncio.create_task(stop.wait())
     watch = [*servers, stopper]
-    if isinstance(gateway, HAProxyEngine) and gateway.supervisor is not None:
-        watch.append(gateway.supervisor)  # it ends only if HAProxy cannot be restarted
+    engine_task = gateway.watch()
+    if engine_task is not None:
+        watch.append(engine_task)
     await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
-    log.info("shutting down: draining the gateway")
+    engine_failed = engine_task is not None and engine_task.done()
+    if engine_failed:
+        log.error("the data plane engine stopped: %s", await gateway.health())
+    log.info("shutting down: %s the gateway", "releasing" if keep else "draining")
     if data_server is not None:
         data_server.should_exit = True
     if admin_server is not None:
         admin_server.should_exit = True
-    await gateway.drain(drain_timeout_s)
+    if keep:
+        await gateway.release(drain_timeout_s)
+    else:
+        await gateway.drain(drain_timeout_s)
     for task in servers:
         with contextlib.suppress(BaseException):
             await task
     failed = [t for t in servers if t.cancelled() or t.exception() is not None]
-    return 1 if failed else 0
+    return 1 if failed or engine_failed else 0
+
+
+def _pid_file(state_dir: Path) -> Path:
+    return state_dir / "raygate.pid"
+
+
+def running_raygate(state_dir: Path) -> int | None:
+    """The pid of a `raygate up` running on `state_dir`, if any (from its pid file; a dead
+    pid, or one reused by another program, does not count)."""
+    try:
+        pid = int(_pid_file(state_dir).read_text().strip())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    is_raygate = any(a == b"rollout.cli" or a.endswith(b"/raygate") for a in args)
+    return pid if is_raygate and b"up" in args and state != "Z" else None
 
 
 async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
@@ -169,6 +206,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     else:
         token, token_path = load_or_create_token(state_dir)
         log.info("admin token: %s", token_path)
+    keep = settings.on_exit == "keep"
 
     metrics = Metrics()
     store = Store(state_dir / "raygate.db")
@@ -176,15 +214,19 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     # The Serve proxy's own health endpoint is what HAProxy checks on each cluster.
     gateway = make_engine(settings.engine, metrics, state_dir, settings.host, settings.port,
                           16 * 1024 * 1024, "/-/healthz")  # fmt: skip
+    if keep and gateway.app() is not None:
+        log.warning("--on-exit keep: the %s engine serves from raygate's own process, so the "
+                    "data port is down while raygate restarts; clusters keep running",
+                    settings.engine)  # fmt: skip
     http = httpx.AsyncClient(trust_env=False)
     controller = Controller(store, provider, gateway, http, metrics=metrics)
     admin = create_admin_app(
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
     )
+    _pid_file(state_dir).write_text(f"{os.getpid()}\n")
     code = 1
     try:
-        if isinstance(gateway, HAProxyEngine):
-            await gateway.start()  # before the controller applies its first route table
+        await gateway.start()  # adopts a running data plane; before the first route table
         await controller.start()
         for spec in specs:
             revision, unchanged = store.push(spec, time.time())
@@ -194,16 +236,58 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
             controller.wake(spec.name)
         code = await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
-            settings.drain_timeout_s,
+            settings.drain_timeout_s, keep=keep,
         )  # fmt: skip
     finally:
-        log.info("stopping every Ray cluster raygate started")
-        await controller.stop(delete_clusters=True)
+        if keep:
+            log.info("leaving every Ray cluster and the data plane running (--on-exit keep)")
+            await controller.stop(delete_clusters=False)
+            await gateway.release(settings.drain_timeout_s)
+        else:
+            log.info("stopping every Ray cluster raygate started")
+            await controller.stop(delete_clusters=True)
         await gateway.close()
         await http.aclose()
         await provider.close()
         store.close()
+        with contextlib.suppress(OSError, ValueError):
+            if int(_pid_file(state_dir).read_text()) == os.getpid():
+                _pid_file(state_dir).unlink()
     return code
+
+
+async def run_down(state_dir: Path, drain_timeout_s: float = 30.0) -> int:
+    """`raygate down`: tear down what a raygate stopped with `--on-exit keep` (or killed)
+    left on `state_dir`: the data plane drains and stops, then every cluster is stopped, the
+    way `raygate up` does on SIGTERM. Refuses while a raygate runs there. `state_dir` is
+    absolute (the clusters' owner marker is derived from it)."""
+    pid = running_raygate(state_dir)
+    if pid is not None:
+        log.error("raygate (pid %d) is running on %s: stop it instead", pid, state_dir)
+        return 1
+    if not (state_dir / "raygate.db").exists():
+        log.error("%s holds no raygate state", state_dir)
+        return 1
+    metrics = Metrics()
+    engines = [make_engine(n, metrics, state_dir, "127.0.0.1", 0, 0, None) for n in ENGINES]
+    for name, gateway in zip(ENGINES, engines, strict=True):
+        if await gateway.attach():
+            log.info("draining the %s data plane", name)
+            await gateway.drain(drain_timeout_s)
+        await gateway.close()
+    store = Store(state_dir / "raygate.db")
+    provider = LocalProvider(LocalSettings(state_dir))
+    http = httpx.AsyncClient(trust_env=False)
+    try:
+        # Only its stop(): the same teardown as `raygate up` does, without a control loop.
+        controller = Controller(store, provider, engines[0], http, metrics=metrics)
+        log.info("stopping every Ray cluster of %s", state_dir)
+        await controller.stop(delete_clusters=True)
+    finally:
+        await http.aclose()
+        await provider.close()
+        store.close()
+    return 0
 
 
 @dataclass(frozen=True)
@@ -243,14 +327,12 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
     """
     metrics = Metrics()
     work_dir = Path(tempfile.mkdtemp(prefix="rg-gw-"))
-    haproxy = settings.engine == "haproxy"  # its workers are threads of one process
     gateway = make_engine(settings.engine, metrics, work_dir, settings.host, settings.port,
                           settings.max_body_bytes, None, settings.workers)  # fmt: skip
     table = standalone_table(settings.routes, settings.timeout_s)
-    if isinstance(gateway, HAProxyEngine):
-        await gateway.start()
+    await gateway.start()
     await gateway.apply(table)
-    metrics.set_weights(gateway.table.weights())
+    metrics.set_weights(table.weights())
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     admin = None
     if settings.serve_admin:
@@ -261,7 +343,9 @@ async def run_gateway(settings: GatewayOnlySettings, extra_workers: Sequence[str
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, multiproc_dir)  # type: ignore[no-untyped-call]
         admin = create_metrics_app(registry)
-    several = settings.workers > 1 and not haproxy
+    # Worker processes share the port only for an engine served from raygate's process; the
+    # other engine takes `workers` as threads of its own.
+    several = settings.workers > 1 and gateway.app() is not None
     sock = reuse_port_socket(settings.host, settings.port) if several else None
     children = [
         await asyncio.create_subprocess_exec(*extra_workers, stdin=asyncio.subprocess.DEVNULL)

@@ -1,0 +1,232 @@
+"""The HAProxy engine adopts the HAProxy a dead raygate left running (issue 9, point 3).
+
+raygate's death is real: the engine runs in a child Python process that is SIGKILLed. HAProxy
+must keep answering meanwhile, and a new engine on the same work dir must take over that very
+master (never start a second one beside it: SO_REUSEPORT would let both bind), reload it with
+its own table so the stale routes vanish, and supervise it although it is not its child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine, haproxy_binary
+from gateway.routes import Backend
+from tests.haproxy_procs import haproxy_masters
+from tests.harness import ROOT
+from tests.loopback import free_port, table, until
+
+# The engine of a raygate that is about to die: started, one route applied, then it waits.
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from gateway.haproxy_config import HAProxySettings
+from gateway.haproxy_engine import HAProxyEngine, haproxy_binary
+from gateway.routes import Backend
+from tests.loopback import table
+
+async def main() -> None:
+    engine = HAProxyEngine(HAProxySettings(Path(sys.argv[1]), port=int(sys.argv[2])))
+    await engine.start()
+    await engine.apply(table(Backend("a", sys.argv[3], 1)))
+    Path(sys.argv[4]).write_text(f"{engine.pid}")
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def background(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A process left running in its own session (as HAProxy is)."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+@contextlib.asynccontextmanager
+async def named_upstream(name: str) -> AsyncIterator[str]:
+    """An upstream that answers with its name, so a test sees which one got a request."""
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+class Traffic:
+    """Clients sending one request after another until stopped; outcome per request."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.outcomes: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(clients)]
+
+    async def _client(self) -> None:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as c:
+            while not self._stop.is_set():
+                try:
+                    r = await c.get(self.url)
+                    self.outcomes.append(r.text if r.status_code == 200 else str(r.status_code))
+                except httpx.HTTPError as exc:
+                    self.outcomes.append(repr(exc))
+                await asyncio.sleep(0)  # a refused connect may not yield to the loop at all
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def failures(self, *ok: str) -> list[str]:
+        return [o for o in self.outcomes if o not in ok]
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    path = tmp_path / "hx"
+    yield path  # type: ignore[misc]
+    for pid in haproxy_masters(path / "haproxy.cfg"):  # even when a test failed
+        os.kill(pid, signal.SIGKILL)
+
+
+async def start_dying_raygate(work_dir: Path, port: int, upstream: str) -> tuple[int, int]:
+    """(pid of the process holding the engine, pid of the HAProxy master it started)."""
+    ready = work_dir.with_name("ready")
+    ready.unlink(missing_ok=True)
+    # Not a pipe for its output: HAProxy would inherit it and hold it open.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(work_dir), str(port), upstream, str(ready),
+        cwd=ROOT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    await until(
+        lambda: (ready.exists() and ready.read_text() != "") or child.returncode is not None, 30
+    )
+    assert child.returncode is None, "the engine did not start"
+    master = int(ready.read_text())
+    os.kill(child.pid, signal.SIGKILL)  # raygate dies: no drain, no cleanup
+    await child.wait()
+    return child.pid, master
+
+
+async def test_a_new_engine_adopts_the_master_of_a_killed_one_under_load(work_dir: Path) -> None:
+    port = free_port()
+    config = work_dir / "haproxy.cfg"
+    async with named_upstream("a") as a, named_upstream("b") as b:
+        _child, master = await start_dying_raygate(work_dir, port, a)
+        traffic = Traffic(f"http://127.0.0.1:{port}/svc/x")  # from here on: all answered
+        # Its raygate is dead; HAProxy keeps answering with the table it had.
+        seen = len(traffic.outcomes)
+        await until(lambda: len(traffic.outcomes) > seen + 200, 10)
+        engine = HAProxyEngine(HAProxySettings(work_dir, port=port))
+        await engine.start()
+        try:
+            assert engine.pid == master, "adopted, not started anew"
+            assert haproxy_masters(config) == [master]
+            # The first table reloads it: the stale route to `a` is gone, `b` answers.
+            await engine.apply(table(Backend("b", b, 1)))
+            switched = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > switched + 200, 10)
+            assert set(traffic.outcomes[switched:]) == {"b"}
+            assert haproxy_masters(config) == [master], "a reload keeps the master"
+            assert await engine.health() is None
+            # Weight changes through the runtime API reach the adopted master's workers.
+            await engine.apply(table(Backend("b", b, 0), Backend("a2", a, 1)))
+            await until(lambda: traffic.outcomes[-1] == "a", 5)
+        finally:
+            await traffic.stop()
+            await engine.drain(10)
+        failures = traffic.failures("a", "b")
+        assert len(traffic.outcomes) > 400 and not failures, failures[:5]
+        assert haproxy_masters(config) == []
+
+
+async def test_an_adopted_master_that_dies_is_started_again(work_dir: Path) -> None:
+    """Not our child, so no SIGCHLD: the engine sees its exit through a pidfd."""
+    port = free_port()
+    async with named_upstream("a") as a:
+        _child, master = await start_dying_raygate(work_dir, port, a)
+        engine = HAProxyEngine(HAProxySettings(work_dir, port=port))
+        await engine.start()
+        try:
+            await engine.apply(table(Backend("a", a, 1)))
+            assert engine.pid == master
+            os.kill(master, signal.SIGKILL)
+            await until(lambda: engine.pid not in (None, master), 15)
+            await until(lambda: haproxy_masters(work_dir / "haproxy.cfg") == [engine.pid], 15)
+            async with httpx.AsyncClient(timeout=5, trust_env=False) as c:
+                for _ in range(50):
+                    with contextlib.suppress(httpx.ConnectError):
+                        if (await c.get(f"http://127.0.0.1:{port}/svc/x")).text == "a":
+                            break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("the restarted haproxy does not serve the table")
+        finally:
+            await engine.drain(10)
+
+
+async def test_a_stale_pid_file_is_ignored(work_dir: Path) -> None:
+    """A pid file naming a dead process, or a live one that is not our HAProxy (its pid was
+    reused): nothing is adopted or killed, a master of our own is started."""
+    work_dir.mkdir(parents=True)  # noqa: ASYNC240 (a test's tmp dir, once)
+    dead = background(["true"])
+    dead.wait()
+    bystander = background(["sleep", "60"])
+    try:
+        for pid in (dead.pid, bystander.pid):
+            (work_dir / "haproxy.pid").write_text(f"{pid}\n")
+            (work_dir / "master.sock").touch()  # a socket file nobody listens on
+            engine = HAProxyEngine(HAProxySettings(work_dir, port=free_port()))
+            await engine.start()
+            try:
+                assert engine.pid not in (dead.pid, bystander.pid)
+                assert haproxy_masters(work_dir / "haproxy.cfg") == [engine.pid]
+                assert bystander.poll() is None, "a process that is not ours was signalled"
+            finally:
+                await engine.drain(10)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def test_a_second_master_left_beside_ours_is_stopped(work_dir: Path) -> None:
+    """What raygate before this fix left after a restart: two masters on one config, the
+    second started the way the old engine did (sockets unlinked, a new master on the same
+    port). The one answering on our master socket is adopted, the other soft-stopped."""
+    port = free_port()
+    settings = HAProxySettings(work_dir, port=port)
+    async with named_upstream("a") as a:
+        _child, first = await start_dying_raygate(work_dir, port, a)
+        for sock in (settings.admin_socket, settings.master_socket):
+            sock.unlink()
+        second = background([haproxy_binary(), "-W", "-S", f"{settings.master_socket},mode,600",
+                             "-f", str(settings.config_path)])  # fmt: skip
+        await until(lambda: settings.admin_socket.exists(), 10)
+        assert haproxy_masters(settings.config_path) == sorted([first, second.pid])
+        engine = HAProxyEngine(settings)
+        await engine.start()
+        try:
+            assert engine.pid == second.pid, "the master answering on our socket"
+            await until(lambda: second.poll() is None and haproxy_masters(
+                settings.config_path) == [second.pid], 15)  # fmt: skip
+        finally:
+            await engine.drain(10)
+            second.wait(10)
