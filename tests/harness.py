@@ -92,6 +92,7 @@ class Raygate:
     engine: str = "python"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    up_args: tuple[str, ...] = ()  # more `raygate up` options, e.g. ("--on-exit", "keep")
 
     @property
     def url(self) -> str:
@@ -117,7 +118,7 @@ class Raygate:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rollout.cli", "up", *map(str, specs),
              "--state-dir", str(self.state_dir), "--port", str(self.port),
-             "--admin-port", str(self.admin_port), "--engine", self.engine],
+             "--admin-port", str(self.admin_port), "--engine", self.engine, *self.up_args],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -146,6 +147,13 @@ class Raygate:
         return subprocess.run(
             [sys.executable, "-m", "rollout.cli", *args, "--admin-url", self.admin_url],
             cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=within_s,
+        )  # fmt: skip
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        """`raygate down` on this state dir."""
+        return subprocess.run(
+            [sys.executable, "-m", "rollout.cli", "down", "--state-dir", str(self.state_dir)],
+            cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
 
     def api(self) -> httpx.Client:

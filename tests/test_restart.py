@@ -54,3 +54,24 @@ def test_restarted_raygate_adopts_the_haproxy_a_killed_one_left(rg: Raygate) -> 
     assert [healthz_pid(rg) for _ in range(20)].count(None) == 0
     assert rg.kill(signal.SIGTERM, within_s=60) == 0
     assert haproxy_masters(config_of(rg)) == []
+
+
+def test_on_exit_keep_leaves_haproxy_serving_and_down_stops_it(rg: Raygate) -> None:
+    rg.up_args = ("--on-exit", "keep")
+    rg.start()
+    wait_for("haproxy to answer", lambda: healthz_pid(rg), 15, 0.1)
+    [master] = haproxy_masters(config_of(rg))
+    refused = rg.down()
+    assert refused.returncode == 1 and "is running" in refused.stderr, refused.stderr
+    assert haproxy_masters(config_of(rg)) == [master], "a refused down touches nothing"
+    assert rg.kill(signal.SIGTERM, within_s=60) == 0
+    # raygate exited cleanly and HAProxy serves on.
+    assert [healthz_pid(rg) for _ in range(20)].count(None) == 0
+    rg.start()  # adopts it, and keeps it again on SIGTERM
+    assert haproxy_masters(config_of(rg)) == [master]
+    assert rg.kill(signal.SIGTERM, within_s=60) == 0
+    assert haproxy_masters(config_of(rg)) == [master]
+    down = rg.down()
+    assert down.returncode == 0, down.stderr
+    assert haproxy_masters(config_of(rg)) == []
+    assert healthz_pid(rg) is None
