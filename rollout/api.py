@@ -71,6 +71,16 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
             for r in state.retiring
         ],
         "last_rollout": last,
+        # A cluster whose dashboard does not answer keeps its role (phase unchanged) until
+        # the planner's window says it must be replaced: this says so meanwhile.
+        "degraded": [
+            {
+                "cluster": u.cluster,
+                "since": u.since,
+                "message": f"dashboard unreachable for {max(0.0, time.time() - u.since):.0f}s",
+            }
+            for u in state.unreachable
+        ],
         "traffic": state.traffic(),
         "in_flight": {c: in_flight.get(c, 0) for c in state.clusters()},
         "routes": desired.spec.app_routes(),

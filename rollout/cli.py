@@ -318,6 +318,8 @@ def _print_table(services: list[dict[str, Any]]) -> None:
         if lr:
             first = (lr["message"] or "").splitlines()[0][:120] if lr["message"] else ""
             print(f"  last rollout: r{lr['revision']} {lr['result']} {first}")
+        for d in s.get("degraded") or []:
+            print(f"  degraded: {d['cluster']}: {d['message']}")
         traffic = ", ".join(f"{c}={w}%" for c, w in s["traffic"].items()) or "-"
         print(f"  traffic: {traffic}   routes: {s['routes']}")
 

@@ -73,6 +73,15 @@ class UpgradeSpec(_Strict):
     deletion_delay_s: float = Field(0.0, ge=0)
 
 
+class LivenessSpec(_Strict):
+    """When a cluster that still exists counts as dead. A Ray dashboard is one Python process
+    that stalls under load or GC while Serve keeps serving, so an unanswered dashboard alone
+    never condemns a cluster: only one that has not answered for `dead_after_s` while its
+    Serve proxy does not answer either is replaced (gated, then switched)."""
+
+    dead_after_s: float = Field(300.0, ge=10, le=86400)
+
+
 class GatewaySpec(_Strict):
     """How the gateway treats this service's routes; a change here needs no new cluster."""
 
@@ -85,6 +94,7 @@ class ServiceSpec(_Strict):
     serve: dict[str, Any]
     upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    liveness: LivenessSpec = Field(default_factory=LivenessSpec)
 
     def app_routes(self) -> dict[str, str]:
         """app name -> route prefix, for apps reachable over HTTP."""
