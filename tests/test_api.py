@@ -124,8 +124,8 @@ async def test_route_prefix_owned_by_another_service_is_409(
 
 async def test_status_shape(client: httpx.AsyncClient, store: Store) -> None:
     await client.put("/v1/services/digits", json=spec())
-    s = store.load("digits")
-    assert s is not None
+    loaded = store.load_versioned("digits")
+    assert loaded is not None
     store.commit(
         ServiceState(
             "digits", Active("c1", 1, "h"), last_rollout=RolloutRecord(1, Result.SUCCEEDED, "live")
@@ -133,6 +133,7 @@ async def test_status_shape(client: httpx.AsyncClient, store: Store) -> None:
         [RolloutRecord(1, Result.SUCCEEDED, "live")],
         ["went live"],
         1.0,
+        version=loaded[1],
     )
     body = (await client.get("/v1/services/digits")).json()
     assert body["phase"] == "live"
@@ -177,7 +178,7 @@ def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
         (Retiring("old", 3.0, 30.0, 0.0),),
         RolloutRecord(1, Result.SUCCEEDED, "ok"),
     )
-    first.commit(state, [], [], 6.0)
+    first.commit(state, [], [], 6.0, version=0)
     first.close()
     again = Store(tmp_path / "db")
     assert again.load("digits") == state
