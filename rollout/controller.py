@@ -104,8 +104,10 @@ class Controller:
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        await self.recover()
+        # Routes first: the data plane (an adopted HAProxy, after a restart) must stop routing
+        # to any cluster the stored state no longer holds before recovery deletes it.
         await self.publish_routes()
+        await self.recover()
         self._supervisor = asyncio.create_task(self._supervise(), name="raygate-supervisor")
 
     async def recover(self) -> None:

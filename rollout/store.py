@@ -131,7 +131,11 @@ class Store:
         """This thread's own connection: one is never shared between threads."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self._path, isolation_level=None, timeout=10.0)
+            # check_same_thread=False only so that close() may close every thread's
+            # connection from one thread; each is used by the thread that made it.
+            db = sqlite3.connect(
+                self._path, isolation_level=None, timeout=10.0, check_same_thread=False
+            )
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed process
             self._local.db = db
             with self._all_lock:

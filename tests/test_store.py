@@ -112,6 +112,7 @@ def test_each_thread_has_its_own_connection_and_no_write_is_lost(store: Store) -
     assert not errors
     assert len(connections) == 3
     assert store.latest("digits").number == 1 + 3 * 20
+    store.close()  # closes the other threads' connections too
 
 
 def test_a_state_dir_from_before_versions_is_upgraded(tmp_path: Path) -> None:
