@@ -327,6 +327,11 @@ def test_standalone_gateway_rejects_a_bad_route() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "expected /PREFIX=http://HOST:PORT" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "gateway", "--route", "/a#b=http://127.0.0.1:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "the prefix may hold only" in out.stderr, out.stderr
 
 
 async def test_several_workers_share_the_port_and_sum_their_metrics(upstream: Upstream) -> None:
