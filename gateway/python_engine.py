@@ -175,6 +175,10 @@ class PythonGateway:
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+            # aiohttp resends an idempotent request once when its connection breaks, even
+            # after the upstream read it. It has no public switch; its own test client turns
+            # it off the same way (aiohttp/test_utils.py). tests/test_retry.py guards it.
+            self._session._retry_connection = False
         return self._session
 
     def _enter(self, service: str, cluster: str) -> None:
@@ -470,14 +474,17 @@ def _upstream_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[
 
 
 def _classify(exc: BaseException, backend: Backend) -> tuple[int, str, str, bool]:
-    """aiohttp's exceptions, translated once: (status, message, kind, safe to retry elsewhere)."""
+    """aiohttp's exceptions, translated once: (status, message, kind, safe to retry elsewhere).
+    Only a connection that could not be made is safe: nothing reached the upstream."""
     c = backend.cluster
     if isinstance(exc, aiohttp.ClientConnectorError):
         return 502, f"cluster {c} refused the connection", "connect", True
     if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
         return 504, f"cluster {c} did not answer in time", "timeout", False
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        return 502, f"cluster {c} closed the connection before answering", "disconnect", True
+        # The connection was made and the request (or part of it) went out: the upstream
+        # may be acting on it, so it is not sent again.
+        return 502, f"cluster {c} closed the connection before answering", "disconnect", False
     return 502, f"cluster {c} failed: {exc.__class__.__name__}", "other", False
 
 
