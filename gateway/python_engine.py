@@ -105,9 +105,6 @@ class PythonGateway:
         return self._table
 
     async def in_flight(self) -> Mapping[str, int]:
-        return self.in_flight_now()
-
-    def in_flight_now(self) -> dict[str, int]:
         return dict(self._in_flight)
 
     async def drain(self, timeout_s: float) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -28,9 +28,6 @@ class Route:
     app: str
     backends: tuple[Backend, ...]
     timeout_s: float = 60.0
-
-    def live_backends(self) -> tuple[Backend, ...]:
-        return tuple(b for b in self.backends if b.weight > 0)
 
     def pick(self, exclude: Iterable[str] = (), rng: random.Random | None = None) -> Backend | None:
         """Weighted choice among backends with weight > 0, skipping `exclude`d clusters."""
@@ -116,9 +113,6 @@ class RouteTable:
                 return route
         return None
 
-    def clusters(self) -> set[str]:
-        return {b.cluster for r in self.routes for b in r.backends}
-
     def weights(self) -> dict[str, dict[str, int]]:
         """service -> cluster -> weight, for status and metrics."""
         out: dict[str, dict[str, int]] = {}
@@ -127,7 +121,3 @@ class RouteTable:
             for b in r.backends:
                 per[b.cluster] = max(per.get(b.cluster, 0), b.weight)
         return out
-
-    @staticmethod
-    def of(routes: Sequence[Route]) -> RouteTable:
-        return RouteTable(tuple(routes))
