@@ -12,6 +12,7 @@ import httpx
 
 from gateway.haproxy_config import HAProxySettings, render
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.haproxy_names import backend_name, server_name, weight_commands
 from gateway.limits import Limits
 from gateway.routes import Backend, Route, RouteTable
 from tests.loopback import free_port, labelled_upstreams, until
@@ -91,3 +92,29 @@ async def test_a_request_younger_than_its_timeout_outlives_a_reload(tmp_path: Pa
             assert (response.status_code, response.text) == (200, "a")
     finally:
         await engine.drain(10)
+
+
+def test_weight_commands_raise_before_they_lower_and_skip_what_did_not_change() -> None:
+    def svc(*weights: int) -> RouteTable:
+        names = ("a", "b", "c")
+        return RouteTable((Route("/svc", "s", "app", tuple(
+            Backend(n, f"http://127.0.0.1:{i + 1}", w) for i, (n, w) in enumerate(
+                zip(names, weights, strict=True))
+        )),))  # fmt: skip
+
+    assert weight_commands(svc(0, 1, 5), since=svc(1, 0, 5)) == [
+        "set server rt:svc/b weight 1",
+        "set server ck:svc/b weight 1",
+        "set server rt:svc/a weight 0",
+        "set server ck:svc/a weight 0",
+    ]
+    assert weight_commands(svc(1, 0, 5), since=svc(1, 0, 5)) == []
+    assert len(weight_commands(svc(1, 0, 5))) == 6  # no `since`: every server
+
+
+def test_names_depend_on_the_prefix_and_cluster_alone() -> None:
+    assert (backend_name("/"), backend_name("/a/b_c~d")) == ("rt:", "rt:a:b__c_td")
+    assert server_name("digits-a1b2c3") == "digits-a1b2c3"
+    odd = server_name("odd name/1")
+    assert odd.startswith("odd_name_1-") and odd == server_name("odd name/1")
+    assert server_name("odd name/2") != odd
