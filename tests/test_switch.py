@@ -104,7 +104,10 @@ async def test_haproxy_names_follow_their_cluster_across_a_reordering_reload(
     await engine.start()
     url = f"http://127.0.0.1:{engine.settings.port}"
     try:
-        async with labelled_upstreams("a", "b", "c") as (a, b, c):
+        async with (
+            labelled_upstreams("a", "b", "c") as (a, b, c),
+            contextlib.AsyncExitStack() as stack,
+        ):
 
             def svc(wa: int | None, wb: int, wc: int) -> Route:
                 ups = [(a, wa), (b, wb), (c, wc)]
@@ -112,10 +115,10 @@ async def test_haproxy_names_follow_their_cluster_across_a_reordering_reload(
                 return Route("/svc", "svc", "app", backends)
 
             await engine.apply(RouteTable((svc(None, 1, 0),)))
-            # An idle kept-alive connection on the first worker, and a slow request on it.
+            # An idle kept-alive connection on the first worker, and a slow request there.
             kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
             assert (await http_get(*kept, "/svc/x"))[2] == "b"
-            client = httpx.AsyncClient(timeout=10, trust_env=False)
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=10, trust_env=False))
             slow = asyncio.create_task(client.get(f"{url}/svc/slow?s=3"))
             await until(lambda: b.slow_in_flight == 1)
             (first,), _ = await engine.workers()
@@ -135,12 +138,11 @@ async def test_haproxy_names_follow_their_cluster_across_a_reordering_reload(
             assert headers.get("connection") == "close", "not answered by the old worker"
             assert (status, body) == (200, "b")
             kept[1].close()
+            assert dict(await engine.in_flight()) == {"b": 1}, "stats of the old worker"
             async with httpx.AsyncClient(timeout=10, trust_env=False) as fresh:
                 assert (await fresh.get(f"{url}/svc/x")).text == "c"
-            assert dict(await engine.in_flight()) == {"b": 1}, "stats of the old worker"
 
             response = await slow
-            await client.aclose()
             assert (response.status_code, response.text) == (200, "b")
 
             # The request logs of both workers: three requests on b, one on c, none on a.
