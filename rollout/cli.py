@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
+from gateway.routes import route_prefix_problem
 from rollout.spec import SpecError, load_spec_file
 
 DEFAULT_ADMIN = "http://127.0.0.1:8001"
@@ -143,6 +144,11 @@ def _gateway(args: argparse.Namespace) -> int:
         prefix, sep, url = item.partition("=")
         if not sep or not prefix.startswith("/") or not url.startswith(("http://", "https://")):
             print(f"raygate: --route {item!r}: expected /PREFIX=http://HOST:PORT", file=sys.stderr)
+            return 2
+        prefix = "/" + prefix.strip("/") if prefix.strip("/") else "/"
+        problem = route_prefix_problem(prefix)
+        if problem is not None:
+            print(f"raygate: --route {item!r}: the prefix {problem}", file=sys.stderr)
             return 2
         routes.append((prefix, url))
     logging.basicConfig(

@@ -25,6 +25,7 @@ import uvicorn
 
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
@@ -99,13 +100,14 @@ def make_engine(
     name: str, metrics: Metrics, work_dir: Path, host: str, port: int, max_body_bytes: int,
     health_path: str | None, threads: int = 1,
 ) -> Engine:  # fmt: skip
+    limits = Limits(max_body_bytes=max_body_bytes)
     if name == "haproxy":
         return HAProxyEngine(
             HAProxySettings(work_dir / "haproxy", host=host, port=port, threads=threads,
-                            max_body_bytes=max_body_bytes, health_path=health_path),
+                            limits=limits, health_path=health_path),
             metrics,
         )  # fmt: skip
-    return PythonGateway(GatewaySettings(max_body_bytes=max_body_bytes), metrics)
+    return PythonGateway(GatewaySettings(limits=limits), metrics)
 
 
 async def serve_until_signal(

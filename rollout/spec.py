@@ -19,6 +19,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.routes import route_prefix_problem
+
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"
 # Sections of a Serve config whose contents are free-form for Ray itself.
 _FREE_FORM = frozenset({"runtime_env", "args", "user_config", "autoscaling_policy"})
@@ -172,6 +174,12 @@ def _validate_serve(serve: dict[str, Any], problems: list[tuple[str, str]]) -> d
     apps = serve.get("applications")
     if not apps:
         problems.append(("serve.applications", "at least one application is required"))
+    for i, app in enumerate(apps if isinstance(apps, list) else []):
+        prefix = app.get("route_prefix") if isinstance(app, dict) else None
+        # The gateway's rule, stricter than Serve's: the prefix is written into haproxy.cfg.
+        problem = route_prefix_problem(prefix) if isinstance(prefix, str) else None
+        if problem is not None:
+            problems.append((f"serve.applications[{i}].route_prefix", problem))
     if len(problems) > before:
         return serve
     try:

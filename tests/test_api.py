@@ -182,3 +182,16 @@ def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
     first.close()
     again = Store(tmp_path / "db")
     assert again.load("digits") == state
+
+
+async def test_unsafe_route_prefix_is_422_and_changes_nothing(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """Before the prefix rule these were accepted (202); "#" and a newline then failed the
+    HAProxy reload, which stalled every service's traffic changes."""
+    for prefix in ("/a b", "/a#b", "/a\nb"):
+        r = await client.put("/v1/services/digits", json=spec(prefix=prefix))
+        assert r.status_code == 422, (prefix, r.text)
+        fields = [e["field"] for e in r.json()["errors"]]
+        assert fields == ["serve.applications[0].route_prefix"], fields
+    assert store.service_names() == []
