@@ -1,0 +1,149 @@
+"""`raygate up` as a real process, without Ray: one instance per state dir, route conflicts
+among the specs given on its command line, and the modes of what it keeps in the state dir.
+
+No test here starts a Ray cluster: `raygate up` without a spec starts none, and the specs
+used below name `/bin/false` as `cluster.python`, so even a regression that let them through
+would fail at `ray start` instead of starting Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from rollout.store import Store
+from tests.harness import ROOT, Raygate
+from tests.loopback import free_port
+
+APPS = ROOT / "serve_configs" / "apps"
+
+
+def up(state_dir: Path, *specs: Path) -> subprocess.Popen[bytes]:
+    """A second `raygate up`, on fresh ports, with its output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "up", *map(str, specs),
+         "--state-dir", str(state_dir), "--port", str(free_port()),
+         "--admin-port", str(free_port()), "--engine", "python"],
+        cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": "t"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def exit_of(proc: subprocess.Popen[bytes], within_s: float) -> tuple[int, str]:
+    """Exit code and output of `proc`; it is stopped (and the test fails) if still running."""
+    try:
+        out, _ = proc.communicate(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(
+            f"still running after {within_s:g}s:\n{out.decode()[-3000:]}"
+        ) from None
+    return proc.returncode, out.decode()
+
+
+def write_spec(path: Path, name: str, prefix: str) -> Path:
+    raw: dict[str, Any] = {
+        "name": name,
+        "cluster": {"code_dir": str(APPS), "python": "/bin/false"},
+        "serve": {"applications": [{
+            "name": name, "route_prefix": prefix, "import_path": "digits:build",
+        }]},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_second_up_on_the_same_state_dir_exits_at_once_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    first = Raygate(state_dir)
+    first.start()
+    try:
+        assert first.proc is not None
+        before = sorted(p.name for p in state_dir.iterdir())
+        started = time.monotonic()
+        code, out = exit_of(up(state_dir), within_s=10)
+        took = time.monotonic() - started
+        assert code != 0, out
+        assert str(state_dir.resolve()) in out and f"pid {first.proc.pid}" in out, out
+        assert sorted(p.name for p in state_dir.iterdir()) == before
+        assert httpx.get(first.admin_url + "/-/healthz", timeout=5).status_code == 200
+        print(f"second up exited {code} after {took:.2f}s")
+    finally:
+        assert first.kill(15, within_s=60) == 0
+    # Released with the process: the next `raygate up` starts.
+    again = Raygate(state_dir)
+    again.start()
+    assert again.kill(15, within_s=60) == 0
+
+
+class TokenFromFile(Raygate):
+    """`raygate up` without RAYGATE_TOKEN: it uses (or writes) `<state dir>/token`."""
+
+    def env(self) -> dict[str, str]:
+        return {k: v for k, v in super().env().items() if k != "RAYGATE_TOKEN"}
+
+
+def test_state_dir_and_its_files_are_private(tmp_path: Path) -> None:
+    """What an older raygate or a umask of 022 left readable is made private, and what
+    raygate creates is private from the start."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    os.chmod(state_dir, 0o755)
+    (state_dir / "token").write_text("old-token\n")
+    os.chmod(state_dir / "token", 0o644)
+    gate = TokenFromFile(state_dir)
+    gate.start()
+    try:
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state_dir.iterdir()}
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert {"raygate.db", "raygate.db-wal", "raygate.db-shm", "token", "lock"} <= set(modes)
+        assert {name: mode for name, mode in modes.items() if mode != 0o600} == {}, modes
+    finally:
+        assert gate.kill(15, within_s=60) == 0
+
+
+def test_up_refuses_specs_whose_route_prefixes_conflict(tmp_path: Path) -> None:
+    a = write_spec(tmp_path / "a.yaml", "alpha", "/same")
+    b = write_spec(tmp_path / "b.yaml", "beta", "/same")
+    state_dir = tmp_path / "state"
+    code, out = exit_of(up(state_dir, a, b), within_s=30)
+    assert code != 0, out
+    assert "'/same'" in out and "alpha" in out and "beta" in out, out
+    store = Store(state_dir / "raygate.db")
+    try:
+        assert store.service_names() == []
+    finally:
+        store.close()
+
+
+def test_up_refuses_a_spec_conflicting_with_a_stored_service(tmp_path: Path) -> None:
+    from rollout.spec import load_spec_file
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    store = Store(state_dir / "raygate.db")
+    try:
+        store.push(load_spec_file(write_spec(tmp_path / "a.yaml", "alpha", "/same")), 1.0)
+    finally:
+        store.close()
+    b = write_spec(tmp_path / "b.yaml", "beta", "/same")
+    code, out = exit_of(up(state_dir, b), within_s=30)
+    assert code != 0, out
+    assert "route_prefix '/same' is owned by service 'alpha'" in out, out
+    store = Store(state_dir / "raygate.db")
+    try:
+        assert store.service_names() == ["alpha"]
+        assert [h["revision"] for h in store.history("alpha")] == [1]
+    finally:
+        store.close()
