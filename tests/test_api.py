@@ -304,3 +304,18 @@ async def test_bodies_that_parse_but_are_not_text_are_422_and_change_nothing(
         field, words = expected[what]
         assert error["field"] == field and words in error["message"], (what, error)
     assert store.service_names() == []
+
+
+async def test_a_bad_env_key_is_a_422_naming_it(client: httpx.AsyncClient, store: Store) -> None:
+    bad = spec()
+    bad["cluster"]["env"] = {"A=B": "1", "RAY_ADDRESS": "x:1"}
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {
+        "cluster.env.A=B",
+        "cluster.env.RAY_ADDRESS",
+    }
+    bad["cluster"] = {"python": "/bin/python3\u0000"}
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cluster.python"
+    assert store.service_names() == []
