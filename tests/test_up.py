@@ -26,12 +26,14 @@ from tests.loopback import free_port
 APPS = ROOT / "serve_configs" / "apps"
 
 
-def up(state_dir: Path, *specs: Path) -> subprocess.Popen[bytes]:
-    """A second `raygate up`, on fresh ports, with its output captured."""
+def up(
+    state_dir: Path, *specs: Path, port: int = 0, admin_port: int = 0, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """`raygate up` (fresh ports unless given), with its output captured."""
     return subprocess.Popen(
         [sys.executable, "-m", "rollout.cli", "up", *map(str, specs),
-         "--state-dir", str(state_dir), "--port", str(free_port()),
-         "--admin-port", str(free_port()), "--engine", "python"],
+         "--state-dir", str(state_dir), "--port", str(port or free_port()),
+         "--admin-port", str(admin_port or free_port()), "--engine", "python", *extra],
         cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": "t"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
@@ -147,3 +149,33 @@ def test_up_refuses_a_spec_conflicting_with_a_stored_service(tmp_path: Path) -> 
         assert [h["revision"] for h in store.history("alpha")] == [1]
     finally:
         store.close()
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_admin_api_stays_on_loopback_when_the_data_plane_moves(tmp_path: Path) -> None:
+    """`--host` moves the data plane only; the admin API (its token is code execution) stays
+    on 127.0.0.1 unless `--admin-host` moves it."""
+    for extra, admin_at in (((), "127.0.0.1"), (("--admin-host", "127.0.0.3"), "127.0.0.3")):
+        port, admin_port = free_port(), free_port()
+        proc = up(tmp_path / "state", port=port, admin_port=admin_port,
+                  extra=("--host", "127.0.0.2", *extra))  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not answers(f"http://{admin_at}:{admin_port}/-/healthz"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.terminate()
+                    log = proc.communicate(timeout=30)[0].decode()
+                    raise AssertionError(f"no admin API on {admin_at}:{admin_port}:\n{log}")
+                time.sleep(0.1)
+            assert answers(f"http://127.0.0.2:{port}/-/healthz")
+            others = {"127.0.0.1", "127.0.0.2", "127.0.0.3"} - {admin_at}
+            assert not any(answers(f"http://{h}:{admin_port}/-/healthz") for h in others)
+        finally:
+            proc.terminate()
+            assert exit_of(proc, 30)[0] == 0
