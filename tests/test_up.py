@@ -9,6 +9,7 @@ would fail at `ray start` instead of starting Ray.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
+from rollout.statedir import StateDirBusy, StateDirLock
 from rollout.store import Store
 from tests.harness import ROOT, Raygate
 from tests.loopback import free_port
@@ -82,11 +85,37 @@ def test_a_second_up_on_the_same_state_dir_exits_at_once_and_changes_nothing(
         assert httpx.get(first.admin_url + "/-/healthz", timeout=5).status_code == 200
         print(f"second up exited {code} after {took:.2f}s")
     finally:
-        assert first.kill(15, within_s=60) == 0
-    # Released with the process: the next `raygate up` starts.
+        assert first.kill(signal.SIGKILL, within_s=60) == -signal.SIGKILL
+    # Released with the process, even one killed outright: the next `raygate up` starts.
     again = Raygate(state_dir)
     again.start()
-    assert again.kill(15, within_s=60) == 0
+    assert again.kill(signal.SIGTERM, within_s=60) == 0
+
+
+def test_the_lock_is_never_inherited_by_children(tmp_path: Path) -> None:
+    """HAProxy and Ray outlive raygate; had one inherited the lock, no raygate could start
+    again on that state dir. Even a child given every descriptor (close_fds=False) lacks it."""
+    lock = StateDirLock(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+    try:
+        held = [
+            os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")
+        ]
+        assert str(tmp_path / "lock") not in held
+        with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
+            StateDirLock(tmp_path)  # a second open file description: refused
+        lock.release()
+        take = (
+            "import sys, pathlib; from rollout.statedir import StateDirLock as L; "
+            "L(pathlib.Path(sys.argv[1]))"
+        )
+        again = subprocess.run(
+            [sys.executable, "-c", take, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=60
+        )
+        assert again.returncode == 0, again.stderr.decode()
+    finally:
+        child.kill()
+        child.wait()
 
 
 class TokenFromFile(Raygate):
