@@ -8,6 +8,7 @@ would fail at `ray start` instead of starting Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -96,11 +97,17 @@ def test_the_lock_is_never_inherited_by_children(tmp_path: Path) -> None:
     """HAProxy and Ray outlive raygate; had one inherited the lock, no raygate could start
     again on that state dir. Even a child given every descriptor (close_fds=False) lacks it."""
     lock = StateDirLock(tmp_path)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        close_fds=False,
+        stdout=subprocess.PIPE,
+    )
     try:
-        held = [
-            os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")
-        ]
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"  # settled
+        held = []
+        for fd in os.listdir(f"/proc/{child.pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                held.append(os.readlink(f"/proc/{child.pid}/fd/{fd}"))
         assert str(tmp_path / "lock") not in held
         with pytest.raises(StateDirBusy, match=f"pid {os.getpid()}"):
             StateDirLock(tmp_path)  # a second open file description: refused
