@@ -17,10 +17,10 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -34,6 +34,14 @@ log = logging.getLogger("raygate.api")
 # A spec is a few KiB; this bounds what one request can make raygate buffer and parse.
 MAX_BODY_BYTES = 1024 * 1024
 MAX_BODY_VALUES = 100_000  # after YAML aliases are expanded; a real spec holds hundreds
+# The smallest spec that pushes, as the schema's example (and the fuzzer's starting point).
+EXAMPLE = {
+    "name": "digits",
+    "serve": {"applications": [
+        {"name": "digits", "route_prefix": "/digits", "import_path": "digits:build"},
+    ]},
+}  # fmt: skip
+NameParam = Annotated[str, Path(examples=["digits"])]  # documents, does not constrain
 # libyaml's safe loader where PyYAML was built with it: ~5x faster than the pure-Python one.
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -127,11 +135,11 @@ def create_admin_app(
         "/v1/services/{name}",
         dependencies=guarded,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": _inline_schema(ServiceSpec)},
+            "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
             "application/yaml": {"schema": {"type": "string"}},
         }}},
     )  # fmt: skip
-    async def push(name: str, request: Request) -> JSONResponse:
+    async def push(name: NameParam, request: Request) -> JSONResponse:
         body = await read_limited(request, MAX_BODY_BYTES)
         if body is None:
             return JSONResponse(
@@ -172,20 +180,20 @@ def create_admin_app(
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
     @app.get("/v1/services/{name}", dependencies=guarded)
-    async def get_service(name: str) -> dict[str, Any]:
+    async def get_service(name: NameParam) -> dict[str, Any]:
         status = status_of(store, name, await flights_or_none())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status
 
     @app.get("/v1/services/{name}/history", dependencies=guarded)
-    async def history(name: str) -> list[dict[str, Any]]:
+    async def history(name: NameParam) -> list[dict[str, Any]]:
         if store.load(name) is None:
             raise HTTPException(404, f"no service {name!r}")
         return store.history(name)
 
     @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202)
-    async def delete(name: str) -> dict[str, str]:
+    async def delete(name: NameParam) -> dict[str, str]:
         if not store.mark_deleting(name):
             raise HTTPException(404, f"no service {name!r}")
         wake(name)
