@@ -39,8 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run controller and gateway in the foreground")
     up.add_argument("specs", nargs="*", type=Path, metavar="SPEC")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="data plane host")
     up.add_argument("--port", type=int, default=8000, help="data plane port")
+    up.add_argument(
+        "--admin-host", default="127.0.0.1",
+        help="admin API host; its token grants code execution on this machine (README: Security)",
+    )  # fmt: skip
     up.add_argument("--admin-port", type=int, default=8001)
     up.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
     up.add_argument(
@@ -115,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- up ------------------------------------------------------------------------------
 def _up(args: argparse.Namespace) -> int:
-    from rollout.server import UpSettings, run_up  # keeps `raygate status` light
+    from rollout.server import SpecConflict, UpSettings, run_up  # keeps `raygate status` light
+    from rollout.statedir import StateDirBusy
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -134,8 +139,13 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         admin_port=args.admin_port,
         token=os.environ.get("RAYGATE_TOKEN") or None,
+        admin_host=args.admin_host,
     )
-    return _run(run_up(settings, specs))
+    try:
+        return _run(run_up(settings, specs))
+    except (StateDirBusy, SpecConflict) as exc:
+        print(f"raygate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _gateway(args: argparse.Namespace) -> int:

@@ -30,9 +30,11 @@ from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
 from rollout.api import create_admin_app, create_metrics_app
+from rollout.conflicts import startup_conflicts
 from rollout.controller import Controller
 from rollout.providers.local import LocalProvider, LocalSettings
 from rollout.spec import ServiceSpec
+from rollout.statedir import StateDirLock, make_private
 from rollout.store import Store
 
 log = logging.getLogger("raygate")
@@ -46,6 +48,7 @@ class UpSettings:
     admin_port: int = 8001
     drain_timeout_s: float = 30.0
     token: str | None = None  # RAYGATE_TOKEN, read by the CLI
+    admin_host: str = "127.0.0.1"  # the token grants code execution: loopback unless asked
     engine: str = "haproxy"  # or "python"
 
 
@@ -55,6 +58,10 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class SpecConflict(ValueError):
+    """The specs given to `raygate up` cannot all be pushed; nothing was."""
 
 
 def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
@@ -118,6 +125,7 @@ async def serve_until_signal(
     admin_port: int,
     drain_timeout_s: float,
     data_socket: socket.socket | None = None,
+    admin_host: str | None = None,
 ) -> int:
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
     in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
@@ -133,12 +141,15 @@ async def serve_until_signal(
         )
     admin_server = None
     if admin is not None:
+        admin_host = admin_host or host
         admin_server = _Server(
-            uvicorn.Config(admin, host=host, port=admin_port, log_level="warning",
+            uvicorn.Config(admin, host=admin_host, port=admin_port, log_level="warning",
                            access_log=False, timeout_graceful_shutdown=5)
         )  # fmt: skip
         servers.append(asyncio.create_task(admin_server.serve(), name="admin-api"))
-        log.info("gateway on http://%s:%d, admin on http://%s:%d", host, port, host, admin_port)
+        log.info(
+            "gateway on http://%s:%d, admin on http://%s:%d", host, port, admin_host, admin_port
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,7 +175,8 @@ async def serve_until_signal(
 
 async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     state_dir = settings.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = StateDirLock(state_dir)  # before anything reads or writes the state dir
+    make_private(state_dir)
     if settings.token:
         token = settings.token
         log.info("admin token: from RAYGATE_TOKEN")
@@ -174,6 +186,11 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
 
     metrics = Metrics()
     store = Store(state_dir / "raygate.db")
+    conflicts = startup_conflicts(specs, store.latest_specs())
+    if conflicts:
+        store.close()
+        lock.release()
+        raise SpecConflict("; ".join(conflicts) + "; nothing was pushed")
     provider = LocalProvider(LocalSettings(state_dir))
     # The Serve proxy's own health endpoint is what HAProxy checks on each cluster.
     gateway = make_engine(settings.engine, metrics, state_dir, settings.host, settings.port,
@@ -196,7 +213,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
             controller.wake(spec.name)
         code = await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
-            settings.drain_timeout_s,
+            settings.drain_timeout_s, admin_host=settings.admin_host,
         )  # fmt: skip
     finally:
         log.info("stopping every Ray cluster raygate started")
@@ -205,6 +222,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         await http.aclose()
         await provider.close()
         store.close()
+        lock.release()
     return code
 
 

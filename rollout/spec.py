@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -229,10 +230,58 @@ def _is_mapping_of_models(annotation: Any) -> bool:
     return typing.get_origin(annotation) is dict
 
 
+# `cluster.env` names a cluster's processes may not take from a spec, and why.
+OUR_ENV_PREFIX = "RAYGATE_"  # the owner/cluster markers that find a cluster's PIDs, the token
+RESERVED_ENV = {
+    "RAY_ADDRESS": "raygate starts each cluster as its own head; Ray would join another",
+    "RAY_USAGE_STATS_ENABLED": "set by raygate (0)",
+}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Linux refuses to exec with one "NAME=value" longer than this (MAX_ARG_STRLEN, with its NUL).
+_MAX_ENV_ENTRY = 128 * 1024
+
+
+def _check_env(env: dict[str, str], problems: list[tuple[str, str]]) -> None:
+    """What `ray start` would only fail on later (or do silently wrong) is named now."""
+    for key, value in env.items():
+        path = f"cluster.env.{key}"
+        if not _ENV_NAME.fullmatch(key):
+            problems.append((path, "not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"))
+        elif key.startswith(OUR_ENV_PREFIX):
+            problems.append((path, f"{OUR_ENV_PREFIX}* variables are raygate's own"))
+        elif key in RESERVED_ENV:
+            problems.append((path, RESERVED_ENV[key]))
+        elif "\0" in value:
+            problems.append((path, "a NUL character cannot be passed in the environment"))
+        elif not _is_text(value):
+            problems.append((path, "a lone UTF-16 surrogate is not text"))
+        elif len(key) + 2 + len(value.encode()) > _MAX_ENV_ENTRY:
+            problems.append((path, f"longer than {_MAX_ENV_ENTRY} bytes: exec would refuse it"))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _resolve_cluster(
     cluster: ClusterSpec, paths: PathPolicy, problems: list[tuple[str, str]]
 ) -> ClusterSpec:
+    _check_env(cluster.env, problems)
+    for field in ("code_dir", "python"):
+        value = getattr(cluster, field)
+        if value is not None and "\0" in value:
+            problems.append((f"cluster.{field}", "a path cannot hold a NUL character"))
+            return cluster
     updates: dict[str, str] = {}
+    if cluster.code_dir is not None and os.pathsep in cluster.code_dir:
+        problems.append(
+            ("cluster.code_dir", f"goes on PYTHONPATH, so it cannot hold {os.pathsep!r}")
+        )
+        return cluster
     if cluster.code_dir is not None:
         code_dir = Path(cluster.code_dir)
         if not code_dir.is_absolute():

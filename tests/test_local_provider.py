@@ -71,6 +71,23 @@ def test_command_sets_every_port_and_environment_is_marked(
         assert not os.path.exists(info.data["temp_dir"])
 
 
+def test_raygate_variables_stay_out_of_the_ray_environment(
+    provider: LocalProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin token grants code execution; every Ray process would inherit it."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "secret-admin-token")
+    monkeypatch.setenv("RAYGATE_ADMIN_URL", "http://127.0.0.1:8001")
+    monkeypatch.setenv(OWNER_ENV, "someone-else")
+    monkeypatch.setenv("RAYGATEWAY", "not ours: kept")
+    spec = ClusterSpec()
+    info = provider.allocate("c", "svc", spec, [])
+    env = provider.environment(info, spec)
+    ours = {k: v for k, v in env.items() if k.startswith("RAYGATE_")}
+    assert ours == {OWNER_ENV: provider.owner, CLUSTER_ENV: "c"}
+    assert "secret-admin-token" not in env.values()
+    assert env["RAYGATEWAY"] == "not ours: kept"
+
+
 def test_claimed_ancestor_walks_up_the_tree() -> None:
     parents = {10: 1, 11: 10, 12: 11, 20: 1}
     claimed = {10: "c1"}

@@ -3,7 +3,8 @@
 What FACTS.md measured shapes this module:
 - every cluster gets its own loopback address (127.0.0.2, .3, ...), a block of ports and a
   short temp dir (Ray puts Unix sockets there: paths must stay under ~107 bytes);
-- `RAY_ADDRESS` is removed from the environment Ray inherits;
+- `RAY_ADDRESS` and raygate's own `RAYGATE_*` variables (the admin token) are removed from the
+  environment Ray inherits;
 - a cluster is stopped by its own PIDs in Ray's order (everything else, then gcs_server),
   SIGTERM then SIGKILL, never `ray stop`.
 Every process of a cluster carries two environment markers (owner = this state dir, cluster
@@ -32,7 +33,7 @@ import httpx
 
 from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo, ProviderError
-from rollout.spec import ClusterSpec
+from rollout.spec import OUR_ENV_PREFIX, ClusterSpec
 
 log = logging.getLogger("raygate.local")
 
@@ -147,7 +148,13 @@ class LocalProvider:
         ]
 
     def environment(self, info: ClusterInfo, spec: ClusterSpec) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # raygate's own variables stay out of Ray: RAYGATE_TOKEN grants the admin API (and so
+        # code execution), and every Ray worker and replica would inherit it.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != "RAY_ADDRESS" and not k.startswith(OUR_ENV_PREFIX)
+        }
         env.update(spec.env)
         if spec.code_dir:
             current = env.get("PYTHONPATH")
