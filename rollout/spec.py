@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.routes import route_prefix_problem
 
@@ -39,7 +39,10 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # No inf/nan: an infinite health timeout would leave a pending cluster waiting forever.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ClusterSpec(_Strict):
@@ -52,16 +55,30 @@ class ClusterSpec(_Strict):
     python: str | None = None
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
+
+
 class Probe(_Strict):
     """A smoke request sent straight to a pending cluster's Serve proxy."""
 
-    path: str = Field(pattern=r"^/")
+    path: str = Field(pattern=r"^/[\x21-\x7e]*$")  # visible ASCII: no space, no newline
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
     json_body: Any = Field(None, alias="json")
     headers: dict[str, str] = Field(default_factory=dict)
     expect_status: int = Field(200, ge=100, le=599)
     expect_body_contains: str | None = None
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        """Headers that could only fail when the health gate sends them fail at push."""
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if any(c in value for c in "\r\n\0") or not value.isascii():
+                raise ValueError(f"header {name!r}: value must be ASCII without CR, LF, NUL")
+        return headers
 
 
 class HealthSpec(_Strict):

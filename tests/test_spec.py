@@ -196,3 +196,36 @@ def test_cluster_paths_with_nul_or_a_path_separator_are_named(tmp_path: Path) ->
     odd.mkdir()
     raw["cluster"]["code_dir"] = str(odd)
     assert "cannot hold ':'" in problems(raw)["cluster.code_dir"]
+
+
+def test_infinite_or_nan_durations_are_rejected() -> None:
+    raw = base()
+    raw["upgrade"]["health"]["timeout_s"] = float("inf")
+    raw["upgrade"]["drain_timeout_s"] = float("nan")
+    found = problems(raw)
+    assert set(found) >= {"upgrade.health.timeout_s", "upgrade.drain_timeout_s"}
+
+
+def test_probes_that_could_only_fail_when_sent_are_rejected_at_push() -> None:
+    raw = base()
+    raw["upgrade"]["health"]["probes"] = [
+        {"path": "/a b"},
+        {"path": "/ok", "headers": {"X-Ok": "fine", "Bad Name": "v"}},
+        {"path": "/ok", "headers": {"X-Split": "a\r\nInjected: 1"}},
+        {"path": "/ok", "headers": {"X-Wide": "caf\u00e9"}},
+    ]
+    found = problems(raw)
+    assert set(found) == {f"upgrade.health.probes.{i}.{f}"
+                          for i, f in ((0, "path"), (1, "headers"), (2, "headers"),
+                                       (3, "headers"))}, found  # fmt: skip
+
+
+def test_liveness_window_is_bounded_and_not_a_cluster_change() -> None:
+    raw = base()
+    raw["liveness"] = {"dead_after_s": 1}
+    assert "liveness.dead_after_s" in problems(raw)
+    a = parse_spec(base())
+    raw["liveness"] = {"dead_after_s": 600}
+    b = parse_spec(raw)
+    assert a.liveness.dead_after_s == 300 and b.liveness.dead_after_s == 600
+    assert a.cluster_hash() == b.cluster_hash() and a.spec_hash() != b.spec_hash()
