@@ -8,10 +8,13 @@ weight 0 included, and `topology()` says when two tables need different configs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.routes import Route, RouteTable
+from gateway.haproxy_names import backend_name, chunked_backend_name, server_name
+from gateway.limits import Limits
+from gateway.routes import Route, RouteTable, route_prefix_problem
 
 
 @dataclass(frozen=True)
@@ -19,13 +22,7 @@ class HAProxySettings:
     work_dir: Path  # config, runtime API sockets, pid file
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 16 * 1024 * 1024
-    # A chunked body past the limit is read and dropped for up to this long, so the client
-    # can read the 413 (closing on unread data sends a reset); then the connection is cut.
-    body_drain_s: int = 30
-    max_header_bytes: int = 64 * 1024
-    connect_timeout_s: float = 5.0
-    client_timeout_s: float = 60.0
+    limits: Limits = field(default_factory=Limits)
     health_path: str | None = None  # e.g. Serve's /-/healthz; None: no active checks
     # One thread per core the gateway may take. One is right when Ray shares the machine,
     # and it is cheaper per request than several (no cross-thread hand-offs).
@@ -57,35 +54,38 @@ Topology = tuple[tuple[str, float, tuple[tuple[str, str], ...]], ...]
 
 
 def topology(table: RouteTable) -> Topology:
-    """What a reload is needed for: prefixes, timeouts, servers and their addresses."""
+    """What a reload is needed for: prefixes, timeouts, servers and their addresses. The
+    order of routes and backends in the table does not matter (names do not depend on it)."""
     return tuple(
-        (r.prefix, r.timeout_s, tuple((b.cluster, b.url) for b in r.backends))
+        (r.prefix, r.timeout_s, tuple(sorted((b.cluster, b.url) for b in r.backends)))
         for r in sorted(table.routes, key=lambda r: r.prefix)
     )
 
 
-def backend_name(index: int) -> str:
-    return f"be_{index}"
-
-
-def chunked_backend_name(index: int) -> str:
-    """The route's twin for chunked requests: same servers, plus the body_limit filter."""
-    return f"be_{index}_chunked"
-
-
 def backends_of(table: RouteTable) -> dict[str, Route]:
-    """HAProxy backend name -> its route; every route has two (see `render`)."""
+    """HAProxy backend name -> its route; every route has two (see `_route_backends`)."""
     out: dict[str, Route] = {}
-    for index, route in enumerate(sorted(table.routes, key=lambda r: r.prefix)):
-        out[backend_name(index)] = route
-        out[chunked_backend_name(index)] = route
+    for route in table.routes:
+        out[backend_name(route.prefix)] = route
+        out[chunked_backend_name(route.prefix)] = route
     return out
 
 
 def server_names(table: RouteTable) -> dict[str, str]:
-    """cluster -> HAProxy server name; cluster names may hold characters HAProxy refuses."""
-    clusters = sorted({b.cluster for r in table.routes for b in r.backends})
-    return {c: f"s{i}" for i, c in enumerate(clusters)}
+    """HAProxy server name -> cluster."""
+    return {server_name(b.cluster): b.cluster for r in table.routes for b in r.backends}
+
+
+HARD_STOP_MARGIN_S = 5.0
+
+
+def hard_stop_after_s(table: RouteTable, limits: Limits) -> int:
+    """How long an old worker may keep finishing requests after a reload: the longest route
+    timeout, plus what may come before the upstream even answers (a connect, its one retry,
+    the queue: each up to the connect timeout) and a margin. A request younger than its
+    route's timeout is never cut; one older than that has had its 504 already."""
+    longest = max((r.timeout_s for r in table.routes), default=0.0)
+    return math.ceil(longest + 3 * limits.connect_timeout_s + HARD_STOP_MARGIN_S)
 
 
 RID = "%[var(txn.rid),json(utf8s)]"  # the request id, escaped for a JSON string
@@ -141,11 +141,25 @@ def _hostport(url: str) -> str:
 
 
 def render(table: RouteTable, settings: HAProxySettings) -> str:
-    s = settings
-    names = server_names(table)
+    """haproxy.cfg for `table`, section by section."""
     routes = sorted(table.routes, key=lambda r: r.prefix)
-    ready = 200 if routes else 503
-    lines = [
+    for route in routes:  # RouteTable refuses these already; the config must never hold one
+        problem = route_prefix_problem(route.prefix)
+        if problem is not None:
+            raise ValueError(f"route prefix {route.prefix!r} {problem}")
+    sections = [
+        _global(table, settings),
+        _ring(),
+        _defaults(settings.limits),
+        _frontend(routes, settings.host, settings.port, settings.limits),
+        *(_route_backends(route, settings) for route in routes),
+        _gateway_backends(ready=bool(routes)),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def _global(table: RouteTable, s: HAProxySettings) -> list[str]:
+    return [
         "global",
         "    master-worker",
         f"    stats socket {s.admin_socket} mode 600 level admin expose-fd listeners",
@@ -153,23 +167,35 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    maxconn 8000",  # ~2 fds per connection; this machine allows 20,000 fds
         f"    nbthread {s.threads}",
         # Room for headers up to the limit, plus HAProxy's rewrite reserve.
-        f"    tune.bufsize {max(16384, s.max_header_bytes + 16384)}",
-        "    hard-stop-after 60s",
+        f"    tune.bufsize {max(16384, s.limits.max_header_bytes + 16384)}",
+        f"    hard-stop-after {hard_stop_after_s(table, s.limits)}s",
         f"    lua-load {LUA}",
-        "",
+    ]
+
+
+def _ring() -> list[str]:
+    return [
         f"ring {LOG_RING}",
         "    format raw",
         "    size 4194304",  # ~100,000 lines: seconds of slack for the reader
-        "",
+    ]
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def _defaults(limits: Limits) -> list[str]:
+    return [
         "defaults",
         "    mode http",
         f"    log ring@{LOG_RING} local0",
         f'    log-format "{LOG_FORMAT}"',
-        f"    timeout connect {int(s.connect_timeout_s * 1000)}ms",
-        f"    timeout client {int(s.client_timeout_s * 1000)}ms",
-        "    timeout server 60s",
-        "    timeout http-request 30s",
-        "    timeout http-keep-alive 60s",
+        f"    timeout connect {_ms(limits.connect_timeout_s)}",
+        f"    timeout client {_ms(limits.client_timeout_s)}",
+        "    timeout server 60s",  # every route backend sets its own
+        f"    timeout http-request {_ms(limits.request_header_timeout_s)}",
+        f"    timeout http-keep-alive {_ms(limits.client_timeout_s)}",
         "    option http-keep-alive",
         "    option forwardfor if-none",
         # On reload, an old worker answers the next request on each idle connection with
@@ -182,11 +208,16 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    option redispatch 1",
         _error(400, "bad request"),
         _error(502, "the cluster failed before answering"),
-        _error(503, "no cluster could take the request", 'hdr Retry-After "1" '),
+        _error(503, "no cluster could take the request",
+               f'hdr Retry-After "{limits.retry_after_s}" '),
         _error(504, "the cluster did not answer in time"),
-        "",
+    ]  # fmt: skip
+
+
+def _frontend(routes: list[Route], host: str, port: int, limits: Limits) -> list[str]:
+    lines = [
         "frontend data",
-        f"    bind {s.host}:{s.port}",
+        f"    bind {host}:{port}",
         # Every rule below runs on every request, so each is written to be cheap: a header
         # is looked up once, and the rare cases are gated on a single condition.
         # The client's request id, or a new UUID; every answer carries it.
@@ -195,10 +226,10 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    http-request set-var(txn.rid) req.fhdr(x-request-id)",
         "    http-after-response add-header x-request-id %[var(txn.rid)]"
         " unless { res.hdr_cnt(x-request-id) gt 0 }",
-        _answer(431, _body(f"request headers over {s.max_header_bytes} bytes"),
-                f"{{ req.hdrs,length gt {s.max_header_bytes} }}"),
-        _answer(413, _body(f"request body over {s.max_body_bytes} bytes"),
-                f"{{ req.hdr_val(content-length) gt {s.max_body_bytes} }}"),
+        _answer(431, _body(f"request headers over {limits.max_header_bytes} bytes"),
+                f"{{ req.hdrs,length gt {limits.max_header_bytes} }}"),
+        _answer(413, _body(f"request body over {limits.max_body_bytes} bytes"),
+                f"{{ req.hdr_val(content-length) gt {limits.max_body_bytes} }}"),
         _answer(501, _body("WebSocket is not supported by this gateway"),
                 "{ req.hdr(upgrade) -i websocket }"),
         # The client's X-Forwarded-For is kept and our peer appended, as one header line;
@@ -219,54 +250,65 @@ def render(table: RouteTable, settings: HAProxySettings) -> str:
         "    use_backend be_gateway if { path /-/healthz /-/ready }",
     ]  # fmt: skip
     # Longest prefix first: HAProxy takes the first use_backend that matches. A chunked
-    # request (Transfer-Encoding) goes to the route's twin, which counts its body.
+    # request (Transfer-Encoding) goes to the route's twin, which counts its body. A prefix
+    # holds only characters that mean nothing in the config (`route_prefix_problem`).
     chunked = "{ req.hdr_cnt(transfer-encoding) gt 0 }"
-    ordered = sorted(enumerate(routes), key=lambda ir: len(ir[1].prefix), reverse=True)
-    for index, route in ordered:
+    for route in sorted(routes, key=lambda r: len(r.prefix), reverse=True):
+        own, twin = backend_name(route.prefix), chunked_backend_name(route.prefix)
         if route.prefix == "/":
-            lines.append(f"    use_backend {chunked_backend_name(index)} if {chunked}")
-            lines.append(f"    use_backend {backend_name(index)}")
+            lines.append(f"    use_backend {twin} if {chunked}")
+            lines.append(f"    use_backend {own}")
         else:
             exact, below = f"{{ path {route.prefix} }}", f"{{ path_beg {route.prefix}/ }}"
-            lines.append(f"    use_backend {chunked_backend_name(index)}"
-                         f" if {chunked} {exact} || {chunked} {below}")  # fmt: skip
-            lines.append(f"    use_backend {backend_name(index)} if {exact} || {below}")
-    lines += ["    default_backend be_none", ""]
+            lines.append(f"    use_backend {twin} if {chunked} {exact} || {chunked} {below}")
+            lines.append(f"    use_backend {own} if {exact} || {below}")
+    lines.append("    default_backend be_none")
+    return lines
+
+
+def _route_backends(route: Route, s: HAProxySettings) -> list[str]:
+    """A route is two backends with the same servers: its own, and a twin for chunked
+    requests whose Lua filter counts the body against the limit."""
+    own, twin = backend_name(route.prefix), chunked_backend_name(route.prefix)
+    check = " check inter 1s fall 2 rise 1" if s.health_path else ""
+    servers = sorted(route.backends, key=lambda b: b.cluster)
+    timeout = f"    timeout server {_ms(route.timeout_s)}"
+    lines = [f"backend {own}", "    balance roundrobin", timeout]
+    if s.health_path:
+        lines.append(f"    option httpchk GET {s.health_path}")
+    for b in servers:
+        server = server_name(b.cluster)
+        lines.append(f"    server {server} {_hostport(b.url)} weight {b.weight}{check}")
     too_big = _body("%[var(txn.body_error,bad request)]")
-    for index, route in enumerate(routes):
-        check = " check inter 1s fall 2 rise 1" if s.health_path else ""
-        for name in (backend_name(index), chunked_backend_name(index)):
-            lines += [
-                f"backend {name}",
-                "    balance roundrobin",
-                f"    timeout server {int(route.timeout_s * 1000)}ms",
-            ]
-            twin = name == chunked_backend_name(index)
-            if twin:
-                # The body_limit filter fails a request whose body passed the limit (400)
-                # and names the reason in txn.body_error: that answer becomes the 413.
-                lines += [
-                    f"    filter lua.body_limit {s.max_body_bytes} {s.body_drain_s}",
-                    f"    http-error status 400 content-type application/json"
-                    f" lf-string {_quote(too_big)}",
-                    "    http-after-response set-status 413 if { var(txn.body_error) -m found }",
-                ]
-            elif s.health_path:
-                lines.append(f"    option httpchk GET {s.health_path}")
-            for b in route.backends:
-                server = names[b.cluster]
-                # The twin's servers follow the health checks of the route's own servers.
-                health = f" track {backend_name(index)}/{server}" if twin and check else check
-                lines.append(f"    server {server} {_hostport(b.url)} weight {b.weight}{health}")
-            lines.append("")
     lines += [
+        "",
+        f"backend {twin}",
+        "    balance roundrobin",
+        timeout,
+        # The body_limit filter fails a request whose body passed the limit (400) and names
+        # the reason in txn.body_error: that answer becomes the 413.
+        f"    filter lua.body_limit {s.limits.max_body_bytes} {s.limits.body_drain_s}",
+        f"    http-error status 400 content-type application/json lf-string {_quote(too_big)}",
+        "    http-after-response set-status 413 if { var(txn.body_error) -m found }",
+    ]
+    for b in servers:
+        server = server_name(b.cluster)
+        # The twin's servers follow the health checks of the route's own servers.
+        health = f" track {own}/{server}" if check else ""
+        lines.append(f"    server {server} {_hostport(b.url)} weight {b.weight}{health}")
+    return lines
+
+
+def _gateway_backends(ready: bool) -> list[str]:
+    """The gateway's own answers: /-/healthz, /-/ready, and 404 for a path no route has."""
+    status = 200 if ready else 503
+    return [
         "backend be_gateway",
         _answer(200, '{"status":"ok","pid":%pid,"request_id":"' + RID + '"}',
                 "{ path /-/healthz }"),
-        _answer(ready, '{"ready":' + ("true" if routes else "false")
+        _answer(status, '{"ready":' + ("true" if ready else "false")
                 + ',"request_id":"' + RID + '"}', "{ path /-/ready }"),
         "",
+        "backend be_none",
+        _answer(404, _body("no route for path %[path,json(utf8s)]"), ""),
     ]  # fmt: skip
-    none = _answer(404, _body("no route for path %[path,json(utf8s)]"), "")
-    lines += ["backend be_none", none, ""]
-    return "\n".join(lines)

@@ -10,7 +10,12 @@
 - In-flight requests per cluster are the servers' current sessions (`show stat`, scur),
   summed over every live worker: after a reload, an old worker may still be finishing
   requests (and, with `idle-close-on-response`, answers one last request per idle
-  connection). Weight changes go to old workers too, through the master CLI (`@!<pid>`).
+  connection). HAProxy names are stable per route and cluster (`haproxy_names`), so an old
+  worker's stats and log lines mean the same cluster after a reload that reorders them.
+- A traffic switch is one CLI line of `set server ... weight` commands, raised weights
+  first: HAProxy yields between the commands of a line, and must never see a route with
+  every weight at 0. An old worker keeps the weights of its config: HAProxy 2.8 refuses
+  `set server` on a stopping worker ("Proxy is disabled.").
 - Request metrics (exact status codes, duration and time-to-first-byte histograms, the same
   names as the Python engine) come from HAProxy's request log, written to an in-memory ring
   and streamed through the current worker's runtime API (`show events <ring> -w`). A
@@ -48,9 +53,10 @@ from gateway.haproxy_config import (
     server_names,
     topology,
 )
+from gateway.haproxy_names import weight_commands
 from gateway.haproxy_process import Master, masters_of, names_config
 from gateway.metrics import Metrics
-from gateway.routes import RouteTable
+from gateway.routes import Route, RouteTable
 
 log = logging.getLogger("raygate.haproxy")
 
@@ -113,7 +119,10 @@ class HAProxyEngine:
         self.metrics = metrics or Metrics()
         self._table = RouteTable()
         self._topology: Topology | None = None
-        self._names: dict[str, str] = {}
+        # HAProxy names -> what they stand for, of every table applied so far: an old worker
+        # may still report a route or cluster the current table no longer has.
+        self._clusters: dict[str, str] = {}  # server name -> cluster
+        self._routes: dict[str, Route] = {}  # backend name -> route
         self._master: Master | None = None
         self._stale: set[asyncio.Task[None]] = set()  # stale masters of ours, soft-stopping
         self._adopted_workers: set[int] = set()  # their rings were read by a raygate before
@@ -281,6 +290,9 @@ class HAProxyEngine:
 
     # ---- DataPlane ------------------------------------------------------------------------
     async def apply(self, table: RouteTable) -> None:
+        """A new topology is a reload; a weight change is one CLI line to the current worker
+        (see `weight_commands`). Old workers keep the weights their config was written with:
+        HAProxy 2.8 refuses `set server` on a stopping worker ("Proxy is disabled.")."""
         async with self._lock:
             topo = topology(table)
             if topo != self._topology:
@@ -288,23 +300,11 @@ class HAProxyEngine:
                 await self._reload()
                 self._topology = topo
             else:
-                names = server_names(table)
-                old = {(r.prefix, b.cluster): b.weight for r in self._table.routes
-                       for b in r.backends}  # fmt: skip
-                changes = [
-                    f"set server {backend}/{names[b.cluster]} weight {b.weight}"
-                    for backend, route in backends_of(table).items()
-                    for b in route.backends
-                    if old.get((route.prefix, b.cluster)) != b.weight
-                ]
-                # Every live worker, old ones included: they may still take a request.
-                _current, old_workers = await self.workers()
-                for change in changes:
-                    await self.command(change)  # the current worker: must succeed
-                for pid in old_workers:
-                    for change in changes:
-                        await self._old_worker(pid, change)
-            self._names = server_names(table)
+                line = "; ".join(weight_commands(table, since=self._table))
+                if line:
+                    await self.command(line)  # the current worker: must succeed
+            self._clusters.update(server_names(table))
+            self._routes.update(backends_of(table))
             self._table = table
 
     async def in_flight(self) -> Mapping[str, int]:
@@ -386,10 +386,7 @@ class HAProxyEngine:
         return out
 
     def _cluster_of(self, server: str) -> str | None:
-        for cluster, name in self._names.items():
-            if name == server:
-                return cluster
-        return None
+        return self._clusters.get(server)
 
     # ---- metrics ------------------------------------------------------------------------
     async def _poll_metrics(self) -> None:
@@ -399,7 +396,7 @@ class HAProxyEngine:
             await asyncio.sleep(1.0)
 
     async def _collect(self) -> None:
-        by_backend = backends_of(self._table)
+        by_backend = self._routes
         in_flight: dict[tuple[str, str], int] = {}
         seen: set[tuple[str, ...]] = set()
         for pid, rows in await self._servers_all():
@@ -563,7 +560,7 @@ class HAProxyEngine:
     def _count(self, lines: Counter[bytes]) -> None:
         """Request log lines (`LOG_FORMAT`) into the request metrics. Lines repeat (same
         route, server, status and ms), so each distinct line is parsed once."""
-        routes = backends_of(self._table)
+        routes = self._routes
         for raw, n in lines.items():
             parts = raw.decode(errors="replace").split()
             if len(parts) != 7 or parts[0] == "be_gateway":

@@ -17,11 +17,12 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.routes import Backend, Route, RouteTable
 
@@ -53,13 +54,10 @@ REPLAYABLE_BODY_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    connect_timeout_s: float = 5.0
+    limits: Limits = field(default_factory=Limits)
     # Below Serve's proxy keep-alive (raygate sets it to 90 s), so the gateway never reuses
     # a connection the upstream is about to close.
     upstream_keepalive_s: float = 30.0
-    retry_after_s: int = 1
 
 
 class _Rejected(Exception):
@@ -127,9 +125,6 @@ class PythonGateway:
         return self._table
 
     async def in_flight(self) -> Mapping[str, int]:
-        return self.in_flight_now()
-
-    def in_flight_now(self) -> dict[str, int]:
         return dict(self._in_flight)
 
     async def drain(self, timeout_s: float) -> None:
@@ -197,6 +192,10 @@ class PythonGateway:
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+            # aiohttp resends an idempotent request once when its connection breaks, even
+            # after the upstream read it. It has no public switch; its own test client turns
+            # it off the same way (aiohttp/test_utils.py). tests/test_retry.py guards it.
+            self._session._retry_connection = False
         return self._session
 
     def _enter(self, service: str, cluster: str) -> None:
@@ -239,15 +238,16 @@ class PythonGateway:
 
         route = self._table.match(path)
         try:
-            if header_bytes > self.settings.max_header_bytes:
-                raise _Rejected(431, f"request headers over {self.settings.max_header_bytes} bytes")
+            limit = self.settings.limits.max_header_bytes
+            if header_bytes > limit:
+                raise _Rejected(431, f"request headers over {limit} bytes")
             if route is None:
                 raise _Rejected(404, f"no route for path {path}")
             await self._proxy(scope, receive, send, route, headers, request_id)
         except _Rejected as rejected:
             extra = []
             if rejected.status == 503:
-                extra.append((b"retry-after", str(self.settings.retry_after_s).encode()))
+                extra.append((b"retry-after", str(self.settings.limits.retry_after_s).encode()))
             if rejected.cluster is None:
                 service, app = (route.service, route.app) if route else ("", "")
                 self.metrics.gateway_answer(service, app, rejected.status)
@@ -267,13 +267,14 @@ class PythonGateway:
             raise _Rejected(503, f"no cluster is serving route {route.prefix!r}")
 
         content_length = _content_length(headers)
-        if content_length is not None and content_length > self.settings.max_body_bytes:
-            raise _Rejected(413, f"request body over {self.settings.max_body_bytes} bytes")
+        limit = self.settings.limits.max_body_bytes
+        if content_length is not None and content_length > limit:
+            raise _Rejected(413, f"request body over {limit} bytes")
         body: bytes | _StreamedBody
         if content_length is not None and content_length <= REPLAYABLE_BODY_BYTES:
-            body = await _read_body(receive, self.settings.max_body_bytes)
+            body = await _read_body(receive, limit)
         else:
-            body = _StreamedBody(receive, self.settings.max_body_bytes)
+            body = _StreamedBody(receive, limit)
 
         upstream_headers = _upstream_headers(scope, headers)
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
@@ -326,7 +327,9 @@ class PythonGateway:
         (status, why, error kind, retryable)."""
         session = self._ensure_session()
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.settings.connect_timeout_s, sock_read=route.timeout_s
+            total=None,
+            sock_connect=self.settings.limits.connect_timeout_s,
+            sock_read=route.timeout_s,
         )
         data: Any = body if isinstance(body, bytes) else body.iterate()
         started = False
@@ -357,7 +360,7 @@ class PythonGateway:
             return None
         except (aiohttp.ClientError, TimeoutError, _BodyTooLarge) as exc:
             if isinstance(body, _StreamedBody) and body.too_large and not started:
-                limit = self.settings.max_body_bytes
+                limit = self.settings.limits.max_body_bytes
                 raise _Rejected(413, f"request body over {limit} bytes") from None
             if started:
                 # Bytes already went to the client: nothing to retry, just cut the stream.
@@ -488,14 +491,17 @@ def _upstream_headers(scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[
 
 
 def _classify(exc: BaseException, backend: Backend) -> tuple[int, str, str, bool]:
-    """aiohttp's exceptions, translated once: (status, message, kind, safe to retry elsewhere)."""
+    """aiohttp's exceptions, translated once: (status, message, kind, safe to retry elsewhere).
+    Only a connection that could not be made is safe: nothing reached the upstream."""
     c = backend.cluster
     if isinstance(exc, aiohttp.ClientConnectorError):
         return 502, f"cluster {c} refused the connection", "connect", True
     if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
         return 504, f"cluster {c} did not answer in time", "timeout", False
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        return 502, f"cluster {c} closed the connection before answering", "disconnect", True
+        # The connection was made and the request (or part of it) went out: the upstream
+        # may be acting on it, so it is not sent again.
+        return 502, f"cluster {c} closed the connection before answering", "disconnect", False
     return 502, f"cluster {c} failed: {exc.__class__.__name__}", "other", False
 
 

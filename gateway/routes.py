@@ -7,7 +7,8 @@ traffic switch, and a request sees either the old table or the new one, never a 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -28,9 +29,6 @@ class Route:
     backends: tuple[Backend, ...]
     timeout_s: float = 60.0
 
-    def live_backends(self) -> tuple[Backend, ...]:
-        return tuple(b for b in self.backends if b.weight > 0)
-
     def pick(self, exclude: Iterable[str] = (), rng: random.Random | None = None) -> Backend | None:
         """Weighted choice among backends with weight > 0, skipping `exclude`d clusters."""
         skip = set(exclude)
@@ -41,6 +39,37 @@ class Route:
             return candidates[0]
         chooser = rng or random
         return chooser.choices(candidates, weights=[b.weight for b in candidates])[0]
+
+
+# What a segment of a route prefix may hold: RFC 3986's unreserved characters. Serve itself
+# refuses only "{" and "}"; HAProxy matches the raw path while Serve matches the decoded one
+# (so no "%"), and a prefix is written into haproxy.cfg, where a space, "#", a quote or a
+# backslash would change what the line means.
+_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")
+MAX_PREFIX_CHARS = 512
+
+
+def route_prefix_problem(prefix: str) -> str | None:
+    """None if `prefix` is a route prefix both engines handle safely, else why not. The one
+    rule for pushes (spec validation), the route table and `raygate gateway --route`."""
+    if prefix == "/":
+        return None
+    if not prefix.startswith("/"):
+        return "must start with '/'"
+    if prefix.endswith("/"):
+        return "must not end with '/' (unless it is just '/')"
+    if len(prefix) > MAX_PREFIX_CHARS:
+        return f"must not be longer than {MAX_PREFIX_CHARS} characters"
+    for segment in prefix[1:].split("/"):
+        if not segment:
+            return "must not hold an empty segment ('//')"
+        if segment in (".", ".."):
+            return "must not hold a '.' or '..' segment"
+        if not _SEGMENT.fullmatch(segment):
+            bad = sorted({c for c in segment if not _SEGMENT.fullmatch(c)})
+            found = " ".join(repr(c) for c in bad)
+            return f"may hold only letters, digits and . _ ~ - between slashes, not {found}"
+    return None
 
 
 def _normalise(prefix: str) -> str:
@@ -67,6 +96,9 @@ class RouteTable:
         )
         seen: set[str] = set()
         for r in normalised:
+            problem = route_prefix_problem(r.prefix)
+            if problem is not None:
+                raise ValueError(f"route prefix {r.prefix!r} {problem}")
             if r.prefix in seen:
                 raise ValueError(f"route prefix {r.prefix!r} appears twice in the route table")
             seen.add(r.prefix)
@@ -81,9 +113,6 @@ class RouteTable:
                 return route
         return None
 
-    def clusters(self) -> set[str]:
-        return {b.cluster for r in self.routes for b in r.backends}
-
     def weights(self) -> dict[str, dict[str, int]]:
         """service -> cluster -> weight, for status and metrics."""
         out: dict[str, dict[str, int]] = {}
@@ -92,7 +121,3 @@ class RouteTable:
             for b in r.backends:
                 per[b.cluster] = max(per.get(b.cluster, 0), b.weight)
         return out
-
-    @staticmethod
-    def of(routes: Sequence[Route]) -> RouteTable:
-        return RouteTable(tuple(routes))

@@ -1,28 +1,49 @@
 """The admin API (FastAPI): push specs, read status and history, delete services.
 
-Every route but /-/healthz needs `Authorization: Bearer <token>`. A push is validated in
-full before anything is written: an invalid spec or a route prefix owned by another service
-changes nothing.
+Every route but /-/healthz needs `Authorization: Bearer <token>`, /openapi.json included; the
+Swagger and ReDoc pages are off (a browser cannot send the token, and they load scripts from a
+CDN into a page that holds it). A push is validated in full before anything is written: an
+invalid spec or a route prefix owned by another service changes nothing.
+
+Every endpoint is `async def`: FastAPI runs plain `def` endpoints in a thread pool, and the
+Store's one SQLite connection belongs to the event loop's thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from rollout.conflicts import route_conflicts
 from rollout.plan import ServiceState
 from rollout.spec import ServiceSpec, SpecError, parse_spec
 from rollout.store import Store
 
 log = logging.getLogger("raygate.api")
+
+# A spec is a few KiB; this bounds what one request can make raygate buffer and parse.
+MAX_BODY_BYTES = 1024 * 1024
+MAX_BODY_VALUES = 100_000  # after YAML aliases are expanded; a real spec holds hundreds
+# The smallest spec that pushes, as the schema's example (and the fuzzer's starting point).
+EXAMPLE = {
+    "name": "digits",
+    "serve": {"applications": [
+        {"name": "digits", "route_prefix": "/digits", "import_path": "digits:build"},
+    ]},
+}  # fmt: skip
+NameParam = Annotated[str, Path(examples=["digits"])]  # documents, does not constrain
+# libyaml's safe loader where PyYAML was built with it: ~5x faster than the pure-Python one.
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def status_of(store: Store, name: str, in_flight: Mapping[str, int]) -> dict[str, Any] | None:
@@ -71,22 +92,21 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
             for r in state.retiring
         ],
         "last_rollout": last,
+        # A cluster whose dashboard does not answer keeps its role (phase unchanged) until
+        # the planner's window says it must be replaced: this says so meanwhile.
+        "degraded": [
+            {
+                "cluster": u.cluster,
+                "since": u.since,
+                "message": f"dashboard unreachable for {max(0.0, time.time() - u.since):.0f}s",
+            }
+            for u in state.unreachable
+        ],
         "traffic": state.traffic(),
         "in_flight": {c: in_flight.get(c, 0) for c in state.clusters()},
         "routes": desired.spec.app_routes(),
         "events": store.events(state.name, 20),
     }
-
-
-def _conflicts(spec: ServiceSpec, others: Mapping[str, ServiceSpec]) -> list[str]:
-    mine = set(spec.app_routes().values())
-    found = []
-    for name, other in others.items():
-        if name == spec.name:
-            continue
-        for prefix in set(other.app_routes().values()) & mine:
-            found.append(f"route_prefix {prefix!r} is owned by service {name!r}")
-    return found
 
 
 def create_admin_app(
@@ -96,36 +116,54 @@ def create_admin_app(
     in_flight: Callable[[], Awaitable[Mapping[str, int]]],
     metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="raygate admin API", version="1")
+    app = FastAPI(
+        title="raygate admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None
+    )
+    expected = token.encode()
 
-    def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), token):
+    async def auth(request: Request) -> None:
+        # Compared as bytes: Starlette decodes headers as latin-1, so any header round-trips,
+        # and compare_digest on a non-ASCII str would raise (a 500) instead of saying no.
+        header = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), expected):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
 
     guarded = [Depends(auth)]
 
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/-/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.put("/v1/services/{name}", dependencies=guarded)
-    async def push(name: str, request: Request) -> JSONResponse:
-        body = await request.body()
+    @app.put(
+        "/v1/services/{name}",
+        dependencies=guarded,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
+            "application/yaml": {"schema": {"type": "string"}},
+        }}},
+    )  # fmt: skip
+    async def push(name: NameParam, request: Request) -> JSONResponse:
+        body = await read_limited(request, MAX_BODY_BYTES)
+        if body is None:
+            return JSONResponse(
+                {"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413
+            )
         try:
-            raw = yaml.safe_load(body) if body.strip() else None
-        except yaml.YAMLError as exc:
-            return _invalid([("", f"body is neither JSON nor YAML: {exc}")])
-        try:
-            spec = parse_spec(raw)
+            # Off the event loop: parsing a large YAML body takes a second; it touches nothing
+            # shared (the Store is used below, on the loop's thread).
+            spec = parse_spec(await asyncio.to_thread(decode_body, body))
         except SpecError as exc:
             return _invalid(exc.problems)
         if spec.name != name:
             return _invalid([("name", f"spec names {spec.name!r} but was pushed to {name!r}")])
-        conflicts = _conflicts(spec, store.latest_specs())
+        conflicts = route_conflicts(spec, store.latest_specs())
         if conflicts:
             return JSONResponse({"detail": "route conflict", "errors": conflicts}, 409)
         revision, unchanged = store.push(spec, time.time())
@@ -152,20 +190,20 @@ def create_admin_app(
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
     @app.get("/v1/services/{name}", dependencies=guarded)
-    async def get_service(name: str) -> dict[str, Any]:
+    async def get_service(name: NameParam) -> dict[str, Any]:
         status = status_of(store, name, await flights_or_none())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status
 
     @app.get("/v1/services/{name}/history", dependencies=guarded)
-    def history(name: str) -> list[dict[str, Any]]:
+    async def history(name: NameParam) -> list[dict[str, Any]]:
         if store.load(name) is None:
             raise HTTPException(404, f"no service {name!r}")
         return store.history(name)
 
     @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202)
-    def delete(name: str) -> dict[str, str]:
+    async def delete(name: NameParam) -> dict[str, str]:
         if not store.mark_deleting(name):
             raise HTTPException(404, f"no service {name!r}")
         wake(name)
@@ -175,7 +213,7 @@ def create_admin_app(
         registry = metrics_registry
 
         @app.get("/metrics", dependencies=guarded)
-        def metrics() -> Response:
+        async def metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -194,6 +232,92 @@ def create_metrics_app(registry: CollectorRegistry) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than `limit`: a declared Content-Length
+    is refused before reading, and a chunked body is counted as it arrives."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPException(400, "Content-Length is not a number") from None
+        if size > limit:
+            return None
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_body(body: bytes) -> Any:
+    """A pushed body (JSON or YAML) as plain data, or SpecError. What parses but is not text
+    fails here with a 422, not later with a 500 (or at cluster start): a YAML `!!binary`
+    value, a lone UTF-16 surrogate from a JSON `\\ud800` escape (it cannot be encoded as
+    UTF-8, not even in the 422 that names it), nesting deeper than the parser can follow, YAML
+    aliases that expand without bound ("billion laughs") or contain themselves."""
+    if not body.strip():
+        return None
+    try:
+        try:
+            raw = json.loads(body)  # C-fast; most pushes are JSON
+        except ValueError:
+            raw = yaml.load(body, Loader=_YamlLoader)
+    except yaml.YAMLError as exc:
+        raise SpecError([("", f"body is neither JSON nor YAML: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([("", "body is nested too deeply")]) from None
+    stack: list[tuple[Any, str]] = [(raw, "")]
+    budget = MAX_BODY_VALUES  # YAML aliases can expand (or refer back to themselves)
+    while stack:
+        value, path = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise SpecError([("", f"body holds more than {MAX_BODY_VALUES} values")])
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key!s}" if path else f"{key!s}"
+                stack.append((key, where))
+                stack.append((item, where))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, bytes):
+            raise SpecError([(_ascii(path), "binary data is not text")])
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SpecError([(_ascii(path), "a lone UTF-16 surrogate is not text")]) from None
+    return raw
+
+
+def _ascii(path: str) -> str:
+    return path.encode("ascii", "backslashreplace").decode()
+
+
+def _inline_schema(model: type[ServiceSpec]) -> dict[str, Any]:
+    """The model's JSON schema with its `$defs` inlined: the OpenAPI document has no place
+    for them, and a precise schema lets a client (or a fuzzer) build real specs."""
+    schema = model.model_json_schema(by_alias=True)
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 def _invalid(problems: list[tuple[str, str]]) -> JSONResponse:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
+from gateway.routes import route_prefix_problem
 from rollout.spec import SpecError, load_spec_file
 
 DEFAULT_ADMIN = "http://127.0.0.1:8001"
@@ -39,8 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run controller and gateway in the foreground")
     up.add_argument("specs", nargs="*", type=Path, metavar="SPEC")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="data plane host")
     up.add_argument("--port", type=int, default=8000, help="data plane port")
+    up.add_argument(
+        "--admin-host", default="127.0.0.1",
+        help="admin API host; its token grants code execution on this machine (README: Security)",
+    )  # fmt: skip
     up.add_argument("--admin-port", type=int, default=8001)
     up.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE))
     up.add_argument(
@@ -129,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- up ------------------------------------------------------------------------------
 def _up(args: argparse.Namespace) -> int:
-    from rollout.server import UpSettings, run_up  # keeps `raygate status` light
+    from rollout.server import SpecConflict, UpSettings, run_up  # keeps `raygate status` light
+    from rollout.statedir import StateDirBusy
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -148,18 +154,28 @@ def _up(args: argparse.Namespace) -> int:
         port=args.port,
         admin_port=args.admin_port,
         token=os.environ.get("RAYGATE_TOKEN") or None,
+        admin_host=args.admin_host,
         on_exit=args.on_exit,
     )
-    return _run(run_up(settings, specs))
+    try:
+        return _run(run_up(settings, specs))
+    except (StateDirBusy, SpecConflict) as exc:
+        print(f"raygate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _down(args: argparse.Namespace) -> int:
     from rollout.server import run_down
+    from rollout.statedir import StateDirBusy
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return _run(run_down(args.state_dir.resolve()))
+    try:
+        return _run(run_down(args.state_dir.resolve()))
+    except StateDirBusy as exc:
+        print(f"raygate: {exc}", file=sys.stderr)
+        return 1
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -168,6 +184,11 @@ def _gateway(args: argparse.Namespace) -> int:
         prefix, sep, url = item.partition("=")
         if not sep or not prefix.startswith("/") or not url.startswith(("http://", "https://")):
             print(f"raygate: --route {item!r}: expected /PREFIX=http://HOST:PORT", file=sys.stderr)
+            return 2
+        prefix = "/" + prefix.strip("/") if prefix.strip("/") else "/"
+        problem = route_prefix_problem(prefix)
+        if problem is not None:
+            print(f"raygate: --route {item!r}: the prefix {problem}", file=sys.stderr)
             return 2
         routes.append((prefix, url))
     logging.basicConfig(
@@ -343,6 +364,8 @@ def _print_table(services: list[dict[str, Any]]) -> None:
         if lr:
             first = (lr["message"] or "").splitlines()[0][:120] if lr["message"] else ""
             print(f"  last rollout: r{lr['revision']} {lr['result']} {first}")
+        for d in s.get("degraded") or []:
+            print(f"  degraded: {d['cluster']}: {d['message']}")
         traffic = ", ".join(f"{c}={w}%" for c, w in s["traffic"].items()) or "-"
         print(f"  traffic: {traffic}   routes: {s['routes']}")
 

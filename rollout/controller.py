@@ -3,9 +3,15 @@
 Order inside one tick (Ray Serve and argo-rollouts do the same):
 1. observe  - liveness and health of each cluster the service holds, in-flight counts;
 2. plan     - the pure planner decides (rollout.plan);
-3. commit   - the decision is written to SQLite *before* any side effect;
+3. commit   - the decision is written to SQLite *before* any side effect, as a
+              compare-and-swap on the version it was planned from: if a push or a DELETE
+              landed meanwhile, nothing is written or done and the tick starts over;
 4. route    - the gateway gets the route table derived from every service's state;
-5. act      - clusters are created, configs deployed, drained clusters deleted.
+5. act      - clusters are created and configs deployed, each action on its own (one that
+              fails does not skip the others); then every cluster record marked for
+              deletion is deleted, level-triggered: one whose deletion failed is tried again
+              next tick, until it is gone. A cluster the gateway may still send new requests
+              to is never deleted.
 A failure inside a tick is logged and retried on the next one: the loop never dies.
 """
 
@@ -16,7 +22,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +30,7 @@ import httpx
 
 from gateway.dataplane import DataPlane
 from gateway.metrics import Metrics
-from gateway.routes import Backend, Route, RouteTable
+from gateway.routes import RouteTable
 from rollout.health import HealthChecker
 from rollout.plan import (
     ClusterObservation,
@@ -41,9 +47,10 @@ from rollout.plan import (
     plan,
 )
 from rollout.providers.base import ClusterInfo, ClusterProvider, ProviderError
+from rollout.routing import route_table
 from rollout.serve_client import ServeApiError, ServeClient
 from rollout.spec import ServiceSpec
-from rollout.store import ClusterState, Store
+from rollout.store import ClusterState, Conflict, Store
 
 log = logging.getLogger("raygate.controller")
 
@@ -65,48 +72,6 @@ def serve_config(spec: ServiceSpec, info: ClusterInfo) -> dict[str, Any]:
     http.setdefault("keep_alive_timeout_s", SERVE_KEEP_ALIVE_S)
     config["http_options"] = http
     return config
-
-
-def route_table(
-    states: Mapping[str, ServiceState],
-    specs_of: Callable[[str, int], ServiceSpec],
-    clusters: Mapping[str, ClusterInfo],
-) -> RouteTable:
-    """Derive the gateway's routes from every service's state: one pure function.
-
-    Every cluster a service holds is in the table, weight 0 included: a pending cluster is
-    already known to the engine when traffic switches (for HAProxy, a runtime weight change,
-    no reload), and a retiring one stays visible while its in-flight requests drain.
-    """
-    by_prefix: dict[str, Route] = {}
-    for name, state in sorted(states.items()):
-        fallback = state.active.revision if state.active else None
-        if fallback is None and state.pending is not None:
-            fallback = state.pending.revision
-        for cluster, weight in state.traffic().items():
-            info = clusters.get(cluster)
-            revision = state.expected_revision(cluster) or fallback
-            if info is None or revision is None:
-                continue
-            spec = specs_of(name, revision)
-            for app, prefix in spec.app_routes().items():
-                key = "/" + prefix.strip("/") if prefix.strip("/") else "/"
-                existing = by_prefix.get(key)
-                backend = Backend(cluster, info.serve_url, weight)
-                timeout = spec.gateway.timeout_s
-                if existing is None:
-                    by_prefix[key] = Route(key, name, app, (backend,), timeout)
-                elif existing.service == name:
-                    by_prefix[key] = Route(key, name, app, (*existing.backends, backend), timeout)
-                else:
-                    log.error(
-                        "route %s claimed by %s and %s; keeping %s",
-                        key,
-                        existing.service,
-                        name,
-                        existing.service,
-                    )
-    return RouteTable(tuple(by_prefix.values()))
 
 
 class Controller:
@@ -132,14 +97,17 @@ class Controller:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._errors: dict[tuple[str, int], str] = {}  # (cluster, revision) -> permanent error
-        self._table: RouteTable | None = None
+        self._table: RouteTable | None = None  # the last table the data plane took
+        self._publishing = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._spawn = asyncio.Event()
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        await self.recover()
+        # Routes first: the data plane (an adopted HAProxy, after a restart) must stop routing
+        # to any cluster the stored state no longer holds before recovery deletes it.
         await self.publish_routes()
+        await self.recover()
         self._supervisor = asyncio.create_task(self._supervise(), name="raygate-supervisor")
 
     async def recover(self) -> None:
@@ -150,9 +118,10 @@ class Controller:
             if state is not None:
                 referenced.update(state.clusters())
         for info, cstate in self.store.clusters():
-            if cstate is ClusterState.DELETING or info.id not in referenced:
-                log.info("recover: deleting cluster %s (%s)", info.id, cstate.value)
-                await self._delete(info.id)
+            if cstate is not ClusterState.DELETING and info.id not in referenced:
+                log.info("recover: cluster %s belongs to no service; deleting it", info.id)
+                self.store.mark_cluster_deleting(info.id)
+        await self._sweep_deletions(None)
         known = [info for info, _ in self.store.clusters()]
         stray = await self.provider.orphans(known)
         if stray:
@@ -168,7 +137,10 @@ class Controller:
         self._tasks.clear()
         if delete_clusters:
             for info, _ in self.store.clusters():
-                await self._delete(info.id)
+                try:
+                    await self._delete(info)
+                except Exception:
+                    log.exception("stopping cluster %s failed", info.id)
             await self.provider.orphans([])
 
     def wake(self, name: str | None = None) -> None:
@@ -178,11 +150,17 @@ class Controller:
 
     async def _supervise(self) -> None:
         while True:
-            for name in self.store.service_names():
+            names = self.store.service_names()
+            for name in names:
                 task = self._tasks.get(name)
                 if task is None or task.done():
                     self._wake[name] = asyncio.Event()
                     self._tasks[name] = asyncio.create_task(self._service_loop(name))
+            # Records of services that are gone: no service loop sweeps them.
+            try:
+                await self._sweep_deletions(None, skip=set(names))
+            except Exception:
+                log.exception("deleting clusters of removed services failed; retrying")
             self._spawn.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._spawn.wait(), self.settings.tick_s)
@@ -196,6 +174,9 @@ class Controller:
                     return
             except asyncio.CancelledError:
                 raise
+            except Conflict:
+                log.debug("%s changed during its reconcile; planning again", name)
+                continue
             except Exception:
                 log.exception("reconcile of %s failed; retrying next tick", name)
             with contextlib.suppress(TimeoutError):
@@ -203,32 +184,47 @@ class Controller:
 
     # ---- one tick -------------------------------------------------------------------
     async def reconcile(self, name: str) -> bool:
-        """One observe-plan-commit-act pass. False once the service is gone."""
-        state = self.store.load(name)
-        if state is None:
+        """One observe-plan-commit-act pass. False once the service is gone. Raises
+        Conflict, having done nothing, if the service changed while it was observed."""
+        loaded = self.store.load_versioned(name)
+        if loaded is None:
             return False
+        state, version = loaded
         desired = self.store.latest(name)
         revisions = self._revisions(name, state, desired)
         observed = await self.observe(state, revisions)
         now = self.clock()
-        decision = plan(state, desired, revisions, observed, now, self._new_cluster_id(name))
-        new_infos = self._allocate(decision, revisions)
+        new_id = self._new_cluster_id(name)
+        decision = plan(state, desired, revisions, observed, now, new_id)
+        try:
+            new_infos = self._allocate(decision, revisions)
+        except Exception as exc:  # no free slot, a spec the provider cannot place
+            why = str(exc) if isinstance(exc, ProviderError) else repr(exc)
+            log.error("%s: cannot create a cluster: %s", name, why)
+            observed = Observation(observed.clusters, cannot_create=why)
+            decision = plan(state, desired, revisions, observed, now, new_id)
+            new_infos = {}
         self.store.commit(
             decision.state,
             decision.finished,
             decision.events,
             now,
+            version=version,
             new_clusters=new_infos.values(),
             deleting=[a.cluster for a in decision.actions if isinstance(a, DeleteCluster)],
             gone=decision.gone,
         )
-        if decision.state.pending is not None:
-            self.store.mark_rollout_started(name, decision.state.pending.revision)
         for text in decision.events:
             log.info("%s: %s", name, text)
         self._record(state, decision, now)
-        await self.publish_routes()
+        try:
+            await self.publish_routes()
+        except Exception:
+            # Deletions wait for a table without the cluster (see _sweep_deletions); the
+            # rest of the tick goes on, and the table is published again next tick.
+            log.exception("publishing routes failed; retrying next tick")
         await self._act(decision, revisions, new_infos)
+        await self._sweep_deletions(name)
         return not decision.gone
 
     def _record(self, before: ServiceState, decision: Decision, now: float) -> None:
@@ -274,18 +270,22 @@ class Controller:
             liveness = await self.provider.liveness(info)
             expected = state.expected_revision(cid)
             health = message = None
+            proxy_ok = None
             if liveness is Liveness.UP and expected is not None and expected in revisions:
                 is_pending = state.pending is not None and state.pending.cluster == cid
                 report = await self.health.check(
                     info.dashboard_url, info.serve_url, revisions[expected].spec, probes=is_pending
                 )
                 health, message = report.health, report.message
+            elif liveness is Liveness.UNREACHABLE:
+                proxy_ok = await self.health.proxy_alive(info.serve_url)
             out[cid] = ClusterObservation(
                 liveness,
                 health,
                 message or "",
                 in_flight.get(cid, 0),
                 self._errors.get((cid, expected)) if expected is not None else None,
+                proxy_ok,
             )
         return Observation(out)
 
@@ -306,16 +306,17 @@ class Controller:
         return infos
 
     async def publish_routes(self) -> None:
-        states = {n: s for n in self.store.service_names() if (s := self.store.load(n))}
-        clusters = {info.id: info for info, _ in self.store.clusters()}
-        table = route_table(states, lambda n, r: self.store.revision(n, r).spec, clusters)
-        if table != self._table:
-            started = time.perf_counter()
-            await self.dataplane.apply(table)
-            self.metrics.step_took("switch", time.perf_counter() - started)
-            self._table = table
-        # Every tick, so a deleted cluster's weight disappears too.
-        self.metrics.set_weights({n: s.traffic() for n, s in states.items()})
+        async with self._publishing:  # service loops publish one at a time, newest state
+            states = {n: s for n in self.store.service_names() if (s := self.store.load(n))}
+            clusters = {info.id: info for info, _ in self.store.clusters()}
+            table = route_table(states, lambda n, r: self.store.revision(n, r).spec, clusters)
+            if table != self._table:
+                started = time.perf_counter()
+                await self.dataplane.apply(table)
+                self.metrics.step_took("switch", time.perf_counter() - started)
+                self._table = table
+            # Every tick, so a deleted cluster's weight disappears too.
+            self.metrics.set_weights({n: s.traffic() for n, s in states.items()})
 
     # ---- act ------------------------------------------------------------------------
     async def _act(
@@ -324,13 +325,46 @@ class Controller:
         revisions: Mapping[int, Revision],
         new_infos: Mapping[str, ClusterInfo],
     ) -> None:
+        """Creates and deploys, each on its own: one failing does not skip the others.
+        Deletions were committed as marks on the cluster records; _sweep_deletions does them."""
         for action in decision.actions:
-            if isinstance(action, CreateCluster):
-                await self._create(new_infos[action.cluster], revisions[action.revision])
-            elif isinstance(action, DeployServe):
-                await self._deploy(action.cluster, revisions[action.revision])
-            elif isinstance(action, DeleteCluster):
-                await self._delete(action.cluster)
+            try:
+                if isinstance(action, CreateCluster):
+                    await self._create(new_infos[action.cluster], revisions[action.revision])
+                elif isinstance(action, DeployServe):
+                    await self._deploy(action.cluster, revisions[action.revision])
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; the next tick sees what is left to do", action)
+
+    async def _sweep_deletions(self, service: str | None, skip: Collection[str] = ()) -> None:
+        """Delete every cluster record marked for deletion (of `service`, or of any service
+        not in `skip`), whatever tick marked it: level-triggered, so a failed deletion is
+        tried again next tick until it is done."""
+        for info, cstate in self.store.clusters():
+            if cstate is not ClusterState.DELETING:
+                continue
+            if (service is not None and info.service != service) or info.service in skip:
+                continue
+            if not self._unrouted(info.id):
+                log.info("cluster %s waits for the gateway to stop routing to it", info.id)
+                continue
+            try:
+                await self._delete(info)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("deleting cluster %s failed (%r); trying again next tick", info.id, exc)
+                self._event(info.service, f"deleting cluster {info.id} failed: {exc!r}")
+
+    def _unrouted(self, cluster: str) -> bool:
+        """True if the data plane's current table sends no new request to `cluster`."""
+        if self._table is None:
+            return True
+        return all(
+            b.weight == 0 for r in self._table.routes for b in r.backends if b.cluster == cluster
+        )
 
     async def _create(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()
@@ -340,6 +374,10 @@ class Controller:
             log.error("creating %s failed: %s", info.id, exc)
             if exc.permanent:
                 self._errors[(info.id, revision.number)] = f"cluster start failed: {exc}"
+            return
+        except Exception as exc:  # e.g. an environment the OS refuses: no retry can help
+            log.exception("creating %s failed", info.id)
+            self._errors[(info.id, revision.number)] = f"cluster start failed: {exc!r}"
             return
         self.store.update_cluster(info, ClusterState.RUNNING)
         took = time.monotonic() - started
@@ -363,18 +401,14 @@ class Controller:
         self.metrics.step_took("deploy", took)
         self._event(info.service, f"revision {revision.number} sent to {cluster} in {took:.1f}s")
 
-    async def _delete(self, cluster: str) -> None:
-        record = self.store.cluster(cluster)
-        if record is None:
-            return
-        info, _ = record
+    async def _delete(self, info: ClusterInfo) -> None:
         started = time.monotonic()
         await self.provider.delete(info)
-        self.store.drop_cluster(cluster)
-        self._errors = {k: v for k, v in self._errors.items() if k[0] != cluster}
+        self.store.drop_cluster(info.id)
+        self._errors = {k: v for k, v in self._errors.items() if k[0] != info.id}
         took = time.monotonic() - started
         self.metrics.step_took("delete", took)
-        self._event(info.service, f"cluster {cluster} deleted in {took:.1f}s")
+        self._event(info.service, f"cluster {info.id} deleted in {took:.1f}s")
 
     def _event(self, service: str, text: str) -> None:
         log.info("%s: %s", service, text)

@@ -114,6 +114,15 @@ class HealthChecker:
                 return report
         return Report(Health.OK, "all gates passed")
 
+    async def proxy_alive(self, serve_url: str) -> bool:
+        """Does the Serve proxy answer its health check? Asked of a cluster whose dashboard
+        does not answer: the proxy and replicas may well keep serving meanwhile."""
+        try:
+            resp = await self._http.get(serve_url + "/-/healthz", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
     async def _proxy(self, serve_url: str, prefixes: set[str]) -> Report:
         try:
             healthz = await self._http.get(serve_url + "/-/healthz", timeout=3.0)

@@ -48,8 +48,17 @@ class Result(StrEnum):
 
 
 class Liveness(StrEnum):
-    STARTING = "starting"
+    """What a provider can tell of a cluster without trusting any one of its processes.
+
+    Only DEAD means gone (its processes, its Kubernetes object or head pod). A dashboard that
+    does not answer is UNREACHABLE: a single Python process that stalls under load or GC
+    while the Serve proxy and replicas keep serving. The planner decides, over a sustained
+    window, when an unreachable cluster must be replaced (`_unresponsive`).
+    """
+
+    STARTING = "starting"  # created, not yet answering (a provider that can tell, e.g. a pod)
     UP = "up"
+    UNREACHABLE = "unreachable"
     DEAD = "dead"
 
 
@@ -99,6 +108,15 @@ class Retiring:
 
 
 @dataclass(frozen=True)
+class Unreachable:
+    """A cluster whose dashboard stopped answering at `since` (kept, not rewritten, while it
+    stays so: the window is measured from the first missed answer)."""
+
+    cluster: str
+    since: float
+
+
+@dataclass(frozen=True)
 class RolloutRecord:
     revision: int
     result: Result
@@ -113,6 +131,7 @@ class ServiceState:
     retiring: tuple[Retiring, ...] = ()
     last_rollout: RolloutRecord | None = None
     deleting: bool = False
+    unreachable: tuple[Unreachable, ...] = ()
 
     @property
     def phase(self) -> Phase:
@@ -150,6 +169,9 @@ class ServiceState:
             return self.active.revision
         return None
 
+    def unreachable_since(self, cluster: str) -> float | None:
+        return next((u.since for u in self.unreachable if u.cluster == cluster), None)
+
 
 @dataclass(frozen=True)
 class ClusterObservation:
@@ -158,11 +180,15 @@ class ClusterObservation:
     message: str = ""
     in_flight: int = 0
     error: str | None = None  # a permanent error from the last action on this cluster
+    proxy_ok: bool | None = None  # the Serve proxy answered (asked when UNREACHABLE)
 
 
 @dataclass(frozen=True)
 class Observation:
     clusters: Mapping[str, ClusterObservation] = field(default_factory=dict)
+    # Why no cluster can be created now (no free slot, a provider refusing the spec): a
+    # rollout that needs one ends with this message instead of creating it.
+    cannot_create: str | None = None
 
     def of(self, cluster: str) -> ClusterObservation:
         # A cluster nobody reported on is treated as gone.
@@ -246,15 +272,55 @@ def plan(
     ones, `new_cluster_id` is the name to use if a cluster must be created this tick.
     """
     b = _Builder(state)
+    _track_reachability(b, observed, now)
     _retire(b, observed, now)
     if b.state.deleting:
         return _delete_service(b, revisions, now)
     _handle_dead_active(b, observed)
+    _replace_unresponsive_active(b, revisions, observed, now, new_cluster_id)
     _supersede(b, desired, observed, now, new_cluster_id)
-    _start(b, desired, revisions, now, new_cluster_id)
+    _start(b, desired, revisions, observed, now, new_cluster_id)
     _advance(b, revisions, observed, now, new_cluster_id)
     _keep_active_deployed(b, observed)
     return b.decision()
+
+
+def _failed(state: ServiceState, revision: int) -> bool:
+    """The last rollout of `revision` was aborted: it is not tried again until pushed anew."""
+    last = state.last_rollout
+    return last is not None and last.revision == revision and last.result is Result.ABORTED
+
+
+def _track_reachability(b: _Builder, observed: Observation, now: float) -> None:
+    """Remember since when each cluster's dashboard has not answered; forget it once it does.
+
+    The first missed answer's time is kept, never rewritten, so the window is measured from
+    it (and survives a restart of raygate, as part of the state).
+    """
+    s = b.state
+    tracked: list[Unreachable] = []
+    for cluster in s.clusters():
+        if observed.of(cluster).liveness is not Liveness.UNREACHABLE:
+            since = s.unreachable_since(cluster)
+            if since is not None:
+                b.event(f"dashboard of cluster {cluster} answers again after {now - since:.0f}s")
+            continue
+        since = s.unreachable_since(cluster)
+        if since is None:
+            since = now
+            b.event(f"dashboard of cluster {cluster} does not answer; the cluster keeps its role")
+        tracked.append(Unreachable(cluster, since))
+    if tuple(tracked) != s.unreachable:
+        b.set(unreachable=tuple(tracked))
+
+
+def _unresponsive(
+    b: _Builder, cluster: str, obs: ClusterObservation, now: float, window_s: float
+) -> bool:
+    """Counts as dead without being gone: its dashboard has not answered for the whole window
+    and its Serve proxy does not answer either. A dashboard alone stalling is not enough."""
+    since = b.state.unreachable_since(cluster)
+    return since is not None and now - since >= window_s and obs.proxy_ok is False
 
 
 def _retire(b: _Builder, observed: Observation, now: float) -> None:
@@ -293,10 +359,12 @@ def _delete_service(b: _Builder, revisions: Mapping[int, Revision], now: float) 
 
 
 def _handle_dead_active(b: _Builder, observed: Observation) -> None:
+    """An active cluster that is really gone (DEAD: its processes or object are gone) holds
+    nothing worth keeping: it is deleted and its revision brought back on a new cluster."""
     active = b.state.active
     if active is None or observed.of(active.cluster).liveness is not Liveness.DEAD:
         return
-    b.event(f"active cluster {active.cluster} is dead; its traffic has nowhere to go")
+    b.event(f"active cluster {active.cluster} is gone; its traffic has nowhere to go")
     if b.state.pending is not None and b.state.pending.cluster == active.cluster:
         b.end_rollout(b.state.pending.revision, Result.ABORTED, "the cluster died")
         b.set(pending=None)
@@ -305,12 +373,47 @@ def _handle_dead_active(b: _Builder, observed: Observation) -> None:
     b.dead_revision = active.revision
 
 
+def _replace_unresponsive_active(
+    b: _Builder,
+    revisions: Mapping[int, Revision],
+    observed: Observation,
+    now: float,
+    new_id: str,
+) -> None:
+    """An active cluster that stopped answering altogether (not gone) is replaced the way any
+    rollout is: a new cluster with its revision, gated, then switched. It keeps its traffic
+    until then: it may still be serving, and nothing better exists yet."""
+    active, p = b.state.active, b.state.pending
+    if active is None or active.revision not in revisions:
+        return
+    window = revisions[active.revision].spec.liveness.dead_after_s
+    if not _unresponsive(b, active.cluster, observed.of(active.cluster), now, window):
+        return
+    if p is not None and p.kind is Kind.NEW_CLUSTER:
+        return  # a new cluster is on its way already; it replaces this one when it passes
+    if observed.cannot_create is not None:
+        return  # nothing to replace it with yet; the status shows the degradation
+    if p is not None:  # an in-place update of the unresponsive cluster cannot pass
+        b.end_rollout(p.revision, Result.ABORTED, f"cluster {active.cluster} stopped answering")
+        b.set(pending=None)
+    if len(b.state.retiring) + 1 >= MAX_CLUSTERS:
+        return  # a retiring cluster is deleted first
+    b.set(pending=Pending(active.revision, Kind.NEW_CLUSTER, new_id, active.cluster_hash,
+                          Step.CREATE_CLUSTER, now))  # fmt: skip
+    b.act(CreateCluster(new_id, active.revision))
+    b.event(
+        f"cluster {active.cluster} has not answered for {window:g}s (dashboard and Serve "
+        f"proxy): replacing it with {new_id} (revision {active.revision})"
+    )
+
+
 def _supersede(
     b: _Builder, desired: Revision, observed: Observation, now: float, new_id: str
 ) -> None:
-    """The newest push wins: redirect a rollout in progress to the desired revision."""
+    """The newest push wins: redirect a rollout in progress to the desired revision (unless
+    that revision failed already: it is not tried again, so it replaces nothing)."""
     p = b.state.pending
-    if p is None or p.revision == desired.number:
+    if p is None or p.revision == desired.number or _failed(b.state, desired.number):
         return
     b.end_rollout(p.revision, Result.SUPERSEDED, f"superseded by revision {desired.number}")
     active = b.state.active
@@ -333,6 +436,7 @@ def _start(
     b: _Builder,
     desired: Revision,
     revisions: Mapping[int, Revision],
+    observed: Observation,
     now: float,
     new_id: str,
 ) -> None:
@@ -340,13 +444,9 @@ def _start(
     if s.pending is not None:
         return
     target = desired
-    last = s.last_rollout
-    tried_and_failed = (
-        last is not None and last.revision == desired.number and last.result is Result.ABORTED
-    )
     if s.active is not None and s.active.revision == desired.number:
         return
-    if tried_and_failed:
+    if _failed(s, desired.number):
         # Do not retry a revision that failed; but a service whose active cluster died
         # gets its last good revision back.
         if b.dead_revision is None or b.dead_revision not in revisions:
@@ -370,6 +470,11 @@ def _start(
     held = len(s.retiring) + (1 if s.active is not None else 0)
     if held >= MAX_CLUSTERS:
         b.event(f"revision {target.number} waits for a retiring cluster to be deleted")
+        return
+    if observed.cannot_create is not None:
+        message = f"cannot create a cluster: {observed.cannot_create}"
+        b.end_rollout(target.number, Result.ABORTED, message)
+        b.event(f"rollout of revision {target.number} aborted: {message}")
         return
     b.set(
         pending=Pending(
@@ -407,6 +512,9 @@ def _advance(
             b.event(f"cluster {p.cluster} is up; deploying revision {p.revision}")
         elif obs.liveness is Liveness.DEAD:
             # Its start was interrupted (e.g. raygate was killed): start a fresh one.
+            if observed.cannot_create is not None:
+                _abort(b, p, f"cannot create a cluster: {observed.cannot_create}")
+                return
             b.act(DeleteCluster(p.cluster, "start interrupted"))
             b.act(CreateCluster(new_id, p.revision))
             b.set(pending=replace(p, cluster=new_id))

@@ -32,13 +32,16 @@ import uvicorn
 from gateway.dataplane import ASGIApp, DataPlane
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
 from rollout.api import create_admin_app, create_metrics_app
+from rollout.conflicts import startup_conflicts
 from rollout.controller import Controller
 from rollout.providers.local import LocalProvider, LocalSettings
 from rollout.spec import ServiceSpec
+from rollout.statedir import StateDirLock, make_private
 from rollout.store import Store
 
 log = logging.getLogger("raygate")
@@ -52,6 +55,7 @@ class UpSettings:
     admin_port: int = 8001
     drain_timeout_s: float = 30.0
     token: str | None = None  # RAYGATE_TOKEN, read by the CLI
+    admin_host: str = "127.0.0.1"  # the token grants code execution: loopback unless asked
     engine: str = "haproxy"  # or "python"
     on_exit: str = "teardown"  # or "keep": leave clusters and HAProxy serving
 
@@ -62,6 +66,10 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class SpecConflict(ValueError):
+    """The specs given to `raygate up` cannot all be pushed; nothing was."""
 
 
 def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
@@ -108,13 +116,14 @@ def make_engine(
     health_path: str | None, threads: int = 1,
 ) -> DataPlane:  # fmt: skip
     """The one place that knows the engines by name."""
+    limits = Limits(max_body_bytes=max_body_bytes)
     if name == "haproxy":
         return HAProxyEngine(
             HAProxySettings(work_dir / "haproxy", host=host, port=port, threads=threads,
-                            max_body_bytes=max_body_bytes, health_path=health_path),
+                            limits=limits, health_path=health_path),
             metrics,
         )  # fmt: skip
-    return PythonGateway(GatewaySettings(max_body_bytes=max_body_bytes), metrics)
+    return PythonGateway(GatewaySettings(limits=limits), metrics)
 
 
 async def serve_until_signal(
@@ -125,6 +134,7 @@ async def serve_until_signal(
     admin_port: int,
     drain_timeout_s: float,
     data_socket: socket.socket | None = None,
+    admin_host: str | None = None,
     keep: bool = False,
 ) -> int:
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
@@ -144,12 +154,15 @@ async def serve_until_signal(
         )
     admin_server = None
     if admin is not None:
+        admin_host = admin_host or host
         admin_server = _Server(
-            uvicorn.Config(admin, host=host, port=admin_port, log_level="warning",
+            uvicorn.Config(admin, host=admin_host, port=admin_port, log_level="warning",
                            access_log=False, timeout_graceful_shutdown=5)
         )  # fmt: skip
         servers.append(asyncio.create_task(admin_server.serve(), name="admin-api"))
-        log.info("gateway on http://%s:%d, admin on http://%s:%d", host, port, host, admin_port)
+        log.info(
+            "gateway on http://%s:%d, admin on http://%s:%d", host, port, admin_host, admin_port
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,26 +193,10 @@ async def serve_until_signal(
     return 1 if failed or engine_failed else 0
 
 
-def _pid_file(state_dir: Path) -> Path:
-    return state_dir / "raygate.pid"
-
-
-def running_raygate(state_dir: Path) -> int | None:
-    """The pid of a `raygate up` running on `state_dir`, if any (from its pid file; a dead
-    pid, or one reused by another program, does not count)."""
-    try:
-        pid = int(_pid_file(state_dir).read_text().strip())
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    is_raygate = any(a == b"rollout.cli" or a.endswith(b"/raygate") for a in args)
-    return pid if is_raygate and b"up" in args and state != "Z" else None
-
-
 async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     state_dir = settings.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = StateDirLock(state_dir)  # before anything reads or writes the state dir
+    make_private(state_dir)
     if settings.token:
         token = settings.token
         log.info("admin token: from RAYGATE_TOKEN")
@@ -210,6 +207,11 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
 
     metrics = Metrics()
     store = Store(state_dir / "raygate.db")
+    conflicts = startup_conflicts(specs, store.latest_specs())
+    if conflicts:
+        store.close()
+        lock.release()
+        raise SpecConflict("; ".join(conflicts) + "; nothing was pushed")
     provider = LocalProvider(LocalSettings(state_dir))
     # The Serve proxy's own health endpoint is what HAProxy checks on each cluster.
     gateway = make_engine(settings.engine, metrics, state_dir, settings.host, settings.port,
@@ -223,7 +225,6 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     admin = create_admin_app(
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
     )
-    _pid_file(state_dir).write_text(f"{os.getpid()}\n")
     code = 1
     try:
         await gateway.start()  # adopts a running data plane; before the first route table
@@ -236,7 +237,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
             controller.wake(spec.name)
         code = await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
-            settings.drain_timeout_s, keep=keep,
+            settings.drain_timeout_s, admin_host=settings.admin_host, keep=keep,
         )  # fmt: skip
     finally:
         if keep:
@@ -250,9 +251,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         await http.aclose()
         await provider.close()
         store.close()
-        with contextlib.suppress(OSError, ValueError):
-            if int(_pid_file(state_dir).read_text()) == os.getpid():
-                _pid_file(state_dir).unlink()
+        lock.release()
     return code
 
 
@@ -260,14 +259,19 @@ async def run_down(state_dir: Path, drain_timeout_s: float = 30.0) -> int:
     """`raygate down`: tear down what a raygate stopped with `--on-exit keep` (or killed)
     left on `state_dir`: the data plane drains and stops, then every cluster is stopped, the
     way `raygate up` does on SIGTERM. Refuses while a raygate runs there. `state_dir` is
-    absolute (the clusters' owner marker is derived from it)."""
-    pid = running_raygate(state_dir)
-    if pid is not None:
-        log.error("raygate (pid %d) is running on %s: stop it instead", pid, state_dir)
-        return 1
+    absolute (the clusters' owner marker is derived from it). Raises StateDirBusy."""
     if not (state_dir / "raygate.db").exists():
         log.error("%s holds no raygate state", state_dir)
         return 1
+    lock = StateDirLock(state_dir)  # no `raygate up` may start meanwhile either
+    try:
+        await _tear_down(state_dir, drain_timeout_s)
+    finally:
+        lock.release()
+    return 0
+
+
+async def _tear_down(state_dir: Path, drain_timeout_s: float) -> None:
     metrics = Metrics()
     engines = [make_engine(n, metrics, state_dir, "127.0.0.1", 0, 0, None) for n in ENGINES]
     for name, gateway in zip(ENGINES, engines, strict=True):
@@ -287,7 +291,6 @@ async def run_down(state_dir: Path, drain_timeout_s: float = 30.0) -> int:
         await http.aclose()
         await provider.close()
         store.close()
-    return 0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.routes import route_prefix_problem
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"
 # Sections of a Serve config whose contents are free-form for Ray itself.
@@ -36,7 +39,10 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # No inf/nan: an infinite health timeout would leave a pending cluster waiting forever.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class ClusterSpec(_Strict):
@@ -49,16 +55,30 @@ class ClusterSpec(_Strict):
     python: str | None = None
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
+
+
 class Probe(_Strict):
     """A smoke request sent straight to a pending cluster's Serve proxy."""
 
-    path: str = Field(pattern=r"^/")
+    path: str = Field(pattern=r"^/[\x21-\x7e]*$")  # visible ASCII: no space, no newline
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
     json_body: Any = Field(None, alias="json")
     headers: dict[str, str] = Field(default_factory=dict)
     expect_status: int = Field(200, ge=100, le=599)
     expect_body_contains: str | None = None
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        """Headers that could only fail when the health gate sends them fail at push."""
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if any(c in value for c in "\r\n\0") or not value.isascii():
+                raise ValueError(f"header {name!r}: value must be ASCII without CR, LF, NUL")
+        return headers
 
 
 class HealthSpec(_Strict):
@@ -73,6 +93,15 @@ class UpgradeSpec(_Strict):
     deletion_delay_s: float = Field(0.0, ge=0)
 
 
+class LivenessSpec(_Strict):
+    """When a cluster that still exists counts as dead. A Ray dashboard is one Python process
+    that stalls under load or GC while Serve keeps serving, so an unanswered dashboard alone
+    never condemns a cluster: only one that has not answered for `dead_after_s` while its
+    Serve proxy does not answer either is replaced (gated, then switched)."""
+
+    dead_after_s: float = Field(300.0, ge=10, le=86400)
+
+
 class GatewaySpec(_Strict):
     """How the gateway treats this service's routes; a change here needs no new cluster."""
 
@@ -85,6 +114,7 @@ class ServiceSpec(_Strict):
     serve: dict[str, Any]
     upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    liveness: LivenessSpec = Field(default_factory=LivenessSpec)
 
     def app_routes(self) -> dict[str, str]:
         """app name -> route prefix, for apps reachable over HTTP."""
@@ -162,6 +192,12 @@ def _validate_serve(serve: dict[str, Any], problems: list[tuple[str, str]]) -> d
     apps = serve.get("applications")
     if not apps:
         problems.append(("serve.applications", "at least one application is required"))
+    for i, app in enumerate(apps if isinstance(apps, list) else []):
+        prefix = app.get("route_prefix") if isinstance(app, dict) else None
+        # The gateway's rule, stricter than Serve's: the prefix is written into haproxy.cfg.
+        problem = route_prefix_problem(prefix) if isinstance(prefix, str) else None
+        if problem is not None:
+            problems.append((f"serve.applications[{i}].route_prefix", problem))
     if len(problems) > before:
         return serve
     try:
@@ -211,10 +247,58 @@ def _is_mapping_of_models(annotation: Any) -> bool:
     return typing.get_origin(annotation) is dict
 
 
+# `cluster.env` names a cluster's processes may not take from a spec, and why.
+OUR_ENV_PREFIX = "RAYGATE_"  # the owner/cluster markers that find a cluster's PIDs, the token
+RESERVED_ENV = {
+    "RAY_ADDRESS": "raygate starts each cluster as its own head; Ray would join another",
+    "RAY_USAGE_STATS_ENABLED": "set by raygate (0)",
+}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Linux refuses to exec with one "NAME=value" longer than this (MAX_ARG_STRLEN, with its NUL).
+_MAX_ENV_ENTRY = 128 * 1024
+
+
+def _check_env(env: dict[str, str], problems: list[tuple[str, str]]) -> None:
+    """What `ray start` would only fail on later (or do silently wrong) is named now."""
+    for key, value in env.items():
+        path = f"cluster.env.{key}"
+        if not _ENV_NAME.fullmatch(key):
+            problems.append((path, "not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"))
+        elif key.startswith(OUR_ENV_PREFIX):
+            problems.append((path, f"{OUR_ENV_PREFIX}* variables are raygate's own"))
+        elif key in RESERVED_ENV:
+            problems.append((path, RESERVED_ENV[key]))
+        elif "\0" in value:
+            problems.append((path, "a NUL character cannot be passed in the environment"))
+        elif not _is_text(value):
+            problems.append((path, "a lone UTF-16 surrogate is not text"))
+        elif len(key) + 2 + len(value.encode()) > _MAX_ENV_ENTRY:
+            problems.append((path, f"longer than {_MAX_ENV_ENTRY} bytes: exec would refuse it"))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _resolve_cluster(
     cluster: ClusterSpec, paths: PathPolicy, problems: list[tuple[str, str]]
 ) -> ClusterSpec:
+    _check_env(cluster.env, problems)
+    for field in ("code_dir", "python"):
+        value = getattr(cluster, field)
+        if value is not None and "\0" in value:
+            problems.append((f"cluster.{field}", "a path cannot hold a NUL character"))
+            return cluster
     updates: dict[str, str] = {}
+    if cluster.code_dir is not None and os.pathsep in cluster.code_dir:
+        problems.append(
+            ("cluster.code_dir", f"goes on PYTHONPATH, so it cannot hold {os.pathsep!r}")
+        )
+        return cluster
     if cluster.code_dir is not None:
         code_dir = Path(cluster.code_dir)
         if not code_dir.is_absolute():

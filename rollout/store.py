@@ -3,16 +3,24 @@
 The controller commits a whole decision (new service state, cluster records to create or
 delete, finished rollouts, events) in one transaction *before* it acts, so a raygate killed
 at any point restarts from a state that names every cluster it may have started.
+
+No update is ever lost, by construction:
+- every write of a service's row bumps its `version`, and the controller's commit is a
+  compare-and-swap on the version it loaded: a push or a DELETE that landed while a
+  reconcile awaited its health checks makes that commit fail with `Conflict`, and the
+  reconcile plans again from what is stored now;
+- each thread gets its own SQLite connection (no two threads ever share one), and writers
+  serialise on SQLite's own lock (`BEGIN IMMEDIATE`, with a busy timeout).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import time
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,7 @@ from rollout.plan import (
     RolloutRecord,
     ServiceState,
     Step,
+    Unreachable,
 )
 from rollout.providers.base import ClusterInfo
 from rollout.spec import ServiceSpec
@@ -35,7 +44,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY,
     state TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0  -- bumped by every write: commits compare-and-swap
 );
 CREATE TABLE IF NOT EXISTS revisions (
     service TEXT NOT NULL,
@@ -61,6 +71,10 @@ CREATE TABLE IF NOT EXISTS events (
     text TEXT NOT NULL
 );
 """
+
+
+class Conflict(Exception):
+    """The service's row changed since it was loaded (a push, a DELETE): plan again."""
 
 
 class ClusterState(StrEnum):
@@ -94,33 +108,64 @@ def _from_json(text: str) -> ServiceState:
         if lr
         else None,
         deleting=raw["deleting"],
+        unreachable=tuple(Unreachable(**u) for u in raw.get("unreachable", ())),
     )
 
 
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed process
-        self._db.executescript(SCHEMA)
+        self._path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(services)")}
+        if "version" not in columns:  # a state dir from before versions
+            db.execute("ALTER TABLE services ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's own connection: one is never shared between threads."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            # check_same_thread=False only so that close() may close every thread's
+            # connection from one thread; each is used by the thread that made it.
+            db = sqlite3.connect(
+                self._path, isolation_level=None, timeout=10.0, check_same_thread=False
+            )
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a killed process
+            self._local.db = db
+            with self._all_lock:
+                self._all.append(db)
+        return db
 
     def close(self) -> None:
-        self._db.close()
+        with self._all_lock:
+            for db in self._all:
+                db.close()
+            self._all.clear()
+        self._local = threading.local()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        db.execute("COMMIT")
 
     # ---- services and revisions ------------------------------------------------------
     def push(self, spec: ServiceSpec, now: float) -> tuple[int, bool]:
-        """Record a pushed spec. Returns (revision, unchanged): an identical push is a no-op."""
+        """Record a pushed spec. Returns (revision, unchanged): an identical push is a no-op.
+
+        A push to a service being deleted takes the deletion back: the service keeps every
+        cluster it holds (the planner already retired the active one if it got there)."""
         digest = spec.spec_hash()
         with self.transaction() as db:
             row = db.execute(
@@ -138,23 +183,36 @@ class Store:
             )
             if service is None:
                 db.execute(
-                    "INSERT INTO services VALUES (?,?,?)",
+                    "INSERT INTO services (name, state, created_at) VALUES (?,?,?)",
                     (spec.name, _to_json(ServiceState(spec.name)), now),
                 )
             elif deleting:
-                state = _from_json(service[0])
-                db.execute(
-                    "UPDATE services SET state=? WHERE name=?",
-                    (_to_json(ServiceState(spec.name, retiring=state.retiring)), spec.name),
-                )
+                state = replace(_from_json(service[0]), deleting=False)
+                self._write_state(db, state)
+            else:  # a new revision: a reconcile that loaded the old version plans again
+                db.execute("UPDATE services SET version=version+1 WHERE name=?", (spec.name,))
             return number, False
+
+    @staticmethod
+    def _write_state(db: sqlite3.Connection, state: ServiceState) -> None:
+        db.execute(
+            "UPDATE services SET state=?, version=version+1 WHERE name=?",
+            (_to_json(state), state.name),
+        )
 
     def service_names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM services ORDER BY name")]
 
     def load(self, name: str) -> ServiceState | None:
-        row = self._db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
-        return _from_json(row[0]) if row else None
+        loaded = self.load_versioned(name)
+        return loaded[0] if loaded else None
+
+    def load_versioned(self, name: str) -> tuple[ServiceState, int] | None:
+        """The state and the version a `commit` of a decision on it must still find."""
+        row = self._db.execute(
+            "SELECT state, version FROM services WHERE name=?", (name,)
+        ).fetchone()
+        return (_from_json(row[0]), int(row[1])) if row else None
 
     def revision(self, name: str, number: int) -> Revision:
         row = self._db.execute(
@@ -193,23 +251,7 @@ class Store:
             row = db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
             if row is None:
                 return False
-            state = _from_json(row[0])
-            db.execute(
-                "UPDATE services SET state=? WHERE name=?",
-                (
-                    _to_json(
-                        ServiceState(
-                            name,
-                            state.active,
-                            state.pending,
-                            state.retiring,
-                            state.last_rollout,
-                            deleting=True,
-                        )
-                    ),
-                    name,
-                ),
-            )
+            self._write_state(db, replace(_from_json(row[0]), deleting=True))
             return True
 
     # ---- one decision, one transaction -----------------------------------------------
@@ -219,23 +261,36 @@ class Store:
         finished: Iterable[RolloutRecord],
         events: Iterable[str],
         now: float,
+        *,
+        version: int,
         new_clusters: Iterable[ClusterInfo] = (),
         deleting: Iterable[str] = (),
         gone: bool = False,
     ) -> None:
+        """Write one decision, if the service is still at `version`; else raise Conflict and
+        write nothing."""
         with self.transaction() as db:
+            row = db.execute(
+                "SELECT version FROM services WHERE name=?", (state.name,)
+            ).fetchone()
+            if row is None or int(row[0]) != version:
+                raise Conflict(f"{state.name} changed since it was loaded")
             if gone:
                 db.execute("DELETE FROM services WHERE name=?", (state.name,))
                 db.execute("DELETE FROM revisions WHERE service=?", (state.name,))
             else:
-                db.execute(
-                    "UPDATE services SET state=? WHERE name=?", (_to_json(state), state.name)
-                )
+                self._write_state(db, state)
             for record in finished:
                 db.execute(
                     "UPDATE revisions SET result=?, message=?, finished_at=? "
                     "WHERE service=? AND number=?",
                     (record.result.value, record.message, now, state.name, record.revision),
+                )
+            if state.pending is not None and not gone:
+                db.execute(
+                    "UPDATE revisions SET result=? WHERE service=? AND number=? "
+                    "AND result='pending'",
+                    (Result.IN_PROGRESS.value, state.name, state.pending.revision),
                 )
             for text in events:
                 db.execute(
@@ -251,12 +306,6 @@ class Store:
                     "UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid)
                 )
 
-    def mark_rollout_started(self, name: str, revision: int) -> None:
-        self._db.execute(
-            "UPDATE revisions SET result=? WHERE service=? AND number=? AND result='pending'",
-            (Result.IN_PROGRESS.value, name, revision),
-        )
-
     # ---- clusters --------------------------------------------------------------------
     def clusters(self) -> list[tuple[ClusterInfo, ClusterState]]:
         rows = self._db.execute("SELECT info, state FROM clusters ORDER BY id")
@@ -267,8 +316,16 @@ class Store:
         return (ClusterInfo.from_json(row[0]), ClusterState(row[1])) if row else None
 
     def update_cluster(self, info: ClusterInfo, state: ClusterState) -> None:
+        """New facts about a cluster (its PIDs once started); a mark for deletion stays."""
         self._db.execute(
-            "UPDATE clusters SET info=?, state=? WHERE id=?", (info.to_json(), state.value, info.id)
+            "UPDATE clusters SET info=?, state=CASE WHEN state=? THEN state ELSE ? END "
+            "WHERE id=?",
+            (info.to_json(), ClusterState.DELETING.value, state.value, info.id),
+        )
+
+    def mark_cluster_deleting(self, cid: str) -> None:
+        self._db.execute(
+            "UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid)
         )
 
     def drop_cluster(self, cid: str) -> None:
@@ -284,6 +341,3 @@ class Store:
         ).fetchall()
         return [{"at": at, "text": text} for at, text in reversed(rows)]
 
-
-def now() -> float:
-    return time.time()

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.limits import Limits
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend, Route, RouteTable
 from rollout.server import data_plane_config
@@ -117,6 +118,7 @@ class Gate:
 
 
 ENGINES = ["python", "haproxy"]
+LIMITS = Limits(max_body_bytes=1_000_000, max_header_bytes=8 * 1024)  # the parity suite's
 
 
 @pytest.fixture(params=ENGINES)
@@ -126,8 +128,7 @@ async def gate(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     url = f"http://127.0.0.1:{port}"
     if request.param == "haproxy":
         engine = HAProxyEngine(
-            HAProxySettings(tmp_path / "hx", port=port, max_body_bytes=1_000_000,
-                            max_header_bytes=8 * 1024)
+            HAProxySettings(tmp_path / "hx", port=port, limits=LIMITS)
         )  # fmt: skip
         await engine.start()
         async with httpx.AsyncClient(base_url=url, timeout=10, trust_env=False) as client:
@@ -143,7 +144,7 @@ async def python_gate() -> AsyncIterator[Gate]:
     """The Python engine alone, for what only it does."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    py = PythonGateway(GatewaySettings(max_body_bytes=1_000_000, max_header_bytes=8 * 1024))
+    py = PythonGateway(GatewaySettings(limits=LIMITS))
     server = uvicorn.Server(data_plane_config(py, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
     await until(lambda: server.started)
@@ -168,3 +169,51 @@ async def until_flights(gate: Gate, expected: dict[str, int], within_s: float = 
 
 def table(*backends: Backend, prefix: str = "/svc", timeout: float = 60.0) -> RouteTable:
     return RouteTable((Route(prefix, "svc", "app", tuple(backends), timeout),))
+
+
+@dataclass
+class Labelled:
+    """A loopback upstream that says who it is and counts what it answers."""
+
+    label: str
+    url: str
+    hits: int = 0
+    slow_in_flight: int = 0
+
+
+@contextlib.asynccontextmanager
+async def labelled_upstreams(*labels: str) -> AsyncIterator[list[Labelled]]:
+    """One aiohttp upstream per label, answering its label; `/svc/slow?s=2` answers after
+    that many seconds (bounded at 10)."""
+    ups: list[Labelled] = []
+    runners: list[web.AppRunner] = []
+    for label in labels:
+        port = free_port()
+        up = Labelled(label, f"http://127.0.0.1:{port}")
+
+        async def slow(request: web.Request, up: Labelled = up) -> web.Response:
+            up.slow_in_flight += 1
+            try:
+                await asyncio.sleep(min(float(request.query.get("s", "1")), 10))
+            finally:
+                up.slow_in_flight -= 1
+            up.hits += 1
+            return web.Response(text=up.label)
+
+        async def answer(request: web.Request, up: Labelled = up) -> web.Response:
+            up.hits += 1
+            return web.Response(text=up.label)
+
+        app = web.Application()
+        app.router.add_route("*", "/svc/slow", slow)
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ups.append(up)
+        runners.append(runner)
+    try:
+        yield ups
+    finally:
+        for runner in runners:
+            await runner.cleanup()

@@ -4,6 +4,7 @@ no-op pushes, status shape, history, delete."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,8 @@ async def test_route_prefix_owned_by_another_service_is_409(
 
 async def test_status_shape(client: httpx.AsyncClient, store: Store) -> None:
     await client.put("/v1/services/digits", json=spec())
-    s = store.load("digits")
-    assert s is not None
+    loaded = store.load_versioned("digits")
+    assert loaded is not None
     store.commit(
         ServiceState(
             "digits", Active("c1", 1, "h"), last_rollout=RolloutRecord(1, Result.SUCCEEDED, "live")
@@ -133,6 +134,7 @@ async def test_status_shape(client: httpx.AsyncClient, store: Store) -> None:
         [RolloutRecord(1, Result.SUCCEEDED, "live")],
         ["went live"],
         1.0,
+        version=loaded[1],
     )
     body = (await client.get("/v1/services/digits")).json()
     assert body["phase"] == "live"
@@ -177,7 +179,156 @@ def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
         (Retiring("old", 3.0, 30.0, 0.0),),
         RolloutRecord(1, Result.SUCCEEDED, "ok"),
     )
-    first.commit(state, [], [], 6.0)
+    first.commit(state, [], [], 6.0, version=0)
     first.close()
     again = Store(tmp_path / "db")
     assert again.load("digits") == state
+
+
+async def test_unsafe_route_prefix_is_422_and_changes_nothing(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """Before the prefix rule these were accepted (202); "#" and a newline then failed the
+    HAProxy reload, which stalled every service's traffic changes."""
+    for prefix in ("/a b", "/a#b", "/a\nb"):
+        r = await client.put("/v1/services/digits", json=spec(prefix=prefix))
+        assert r.status_code == 422, (prefix, r.text)
+        fields = [e["field"] for e in r.json()["errors"]]
+        assert fields == ["serve.applications[0].route_prefix"], fields
+
+
+async def test_a_non_ascii_authorization_header_is_a_401(client: httpx.AsyncClient) -> None:
+    for value in ("Bearer t\u00e9st-token", "B\u00e9arer x", "Bearer \u00ff" * 3):
+        headers = {"Authorization": value.encode("latin-1")}
+        r = await client.get("/v1/services", headers=headers)  # type: ignore[arg-type]
+        assert r.status_code == 401, (value, r.status_code, r.text)
+
+
+async def test_docs_are_off_and_the_schema_needs_the_token(client: httpx.AsyncClient) -> None:
+    bare = {"Authorization": ""}
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert (await client.get(path)).status_code == 404, path
+    assert (await client.get("/openapi.json", headers=bare)).status_code == 401
+    schema = (await client.get("/openapi.json")).json()
+    assert "/v1/services/{name}" in schema["paths"]
+    assert "/openapi.json" not in schema["paths"]
+
+
+async def test_a_body_over_the_limit_is_a_413_declared_or_chunked(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    from rollout.api import MAX_BODY_BYTES
+
+    big = b"#" * (MAX_BODY_BYTES + 1)
+    r = await client.put("/v1/services/digits", content=big)
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(64):
+            yield b"#" * (64 * 1024)
+
+    r = await client.put("/v1/services/digits", content=chunks())
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert "content-length" not in r.request.headers
+    # A spec just under the limit still goes through (comments are part of the body).
+    body = yaml.safe_dump(spec()).encode()
+    padded = body + b"\n#" + b"x" * (MAX_BODY_BYTES - len(body) - 3)
+    assert len(padded) == MAX_BODY_BYTES - 1
+    r = await client.put("/v1/services/digits", content=padded)
+    assert r.status_code == 202, r.text
+    assert store.service_names() == ["digits"]
+
+
+class ThreadRecordingStore(Store):
+    """A real Store that notes the thread of every use: SQLite's one connection must stay on
+    the event loop's thread, so no endpoint may run in FastAPI's thread pool."""
+
+    def __init__(self, path: Path) -> None:
+        self.threads: set[int] = set()
+        super().__init__(path)
+
+    def __getattribute__(self, name: str) -> Any:
+        if not name.startswith("_") and name != "threads":
+            object.__getattribute__(self, "threads").add(threading.get_ident())
+        return super().__getattribute__(name)
+
+
+async def test_every_endpoint_uses_the_store_on_the_event_loop_thread(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    store = ThreadRecordingStore(tmp_path / "raygate.db")
+
+    async def in_flight() -> dict[str, int]:
+        return {}
+
+    app = create_admin_app(store, TOKEN, lambda name: None, in_flight, CollectorRegistry())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://admin",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
+        answers = [
+            (await c.put("/v1/services/digits", json=spec())).status_code,
+            (await c.get("/v1/services")).status_code,
+            (await c.get("/v1/services/digits")).status_code,
+            (await c.get("/v1/services/digits/history")).status_code,
+            (await c.get("/metrics")).status_code,
+            (await c.delete("/v1/services/digits")).status_code,
+        ]
+    assert answers == [202, 200, 200, 200, 200, 202]
+    assert store.threads == {threading.get_ident()}
+
+
+LAUGHS = (
+    "{a: &a [x, x, x, x, x, x, x, x, x, x], "
+    + ", ".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(6)
+    )
+    + "}"
+)  # 10^7 values once the aliases are expanded, in 300 bytes
+
+
+async def test_bodies_that_parse_but_are_not_text_are_422_and_change_nothing(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    with_binary = spec()
+    with_binary["serve"]["applications"][0]["deployments"][0]["user_config"] = {"b": "BIN"}
+    surrogate = json.dumps(spec()).replace('"label"', '"\\ud800"')
+    bodies = {
+        "binary": yaml.safe_dump(with_binary).replace("BIN", "!!binary /w=="),
+        "surrogate": surrogate,
+        "surrogate-key": json.dumps({**spec(), "\udcff": 1}),
+        "deep": "[" * 5000 + "]" * 5000,
+        "self-alias": "a: &a [*a]\n",
+        "laughs": yaml.safe_dump(with_binary).replace("BIN", LAUGHS),
+    }
+    expected = {
+        "binary": ("serve.applications[0].deployments[0].user_config.b", "binary data"),
+        "surrogate": ("serve.applications[0].deployments[0].user_config.\\ud800", "surrogate"),
+        "surrogate-key": ("\\udcff", "surrogate"),
+        "deep": ("", "nested too deeply"),
+        "self-alias": ("", "more than 100000 values"),
+        "laughs": ("", "more than 100000 values"),
+    }
+    for what, body in bodies.items():
+        r = await client.put("/v1/services/digits", content=body.encode("utf-8", "surrogatepass"))
+        assert r.status_code == 422, (what, r.status_code, r.text[:300])
+        [error] = r.json()["errors"]
+        field, words = expected[what]
+        assert error["field"] == field and words in error["message"], (what, error)
+    assert store.service_names() == []
+
+
+async def test_a_bad_env_key_is_a_422_naming_it(client: httpx.AsyncClient, store: Store) -> None:
+    bad = spec()
+    bad["cluster"]["env"] = {"A=B": "1", "RAY_ADDRESS": "x:1"}
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {
+        "cluster.env.A=B",
+        "cluster.env.RAY_ADDRESS",
+    }
+    bad["cluster"] = {"python": "/bin/python3\u0000"}
+    r = await client.put("/v1/services/digits", json=bad)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cluster.python"
+    assert store.service_names() == []

@@ -4,14 +4,23 @@ clean stop. The full story runs on the Python engine in test_e2e_ray.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import EXAMPLES, Raygate, marked_processes, running_raygate, wait_for
+from tests.harness import (
+    EXAMPLES,
+    Load,
+    Raygate,
+    marked_processes,
+    running_raygate,
+    wait_for,
+)
 from tests.test_e2e_ray import assert_clean_switch, live_cluster, no_failures, push_under_load
 
 pytestmark = pytest.mark.ray
@@ -29,6 +38,53 @@ def test_first_deploy_through_haproxy(rg: Raygate) -> None:
     cluster = live_cluster(rg, 1)
     body = rg.predict()
     assert body["model"] == "logreg" and body["cluster"] == cluster
+
+
+def test_a_frozen_dashboard_under_load_costs_nothing(rg: Raygate) -> None:
+    """The active cluster's Ray dashboard stopped (SIGSTOP) for 25 s under load, far past the
+    2 s that used to get a cluster declared dead, deleted and cold-started again: no request
+    fails, the status shows the degradation without changing the phase, and once it answers
+    again the same cluster is live and no other was started."""
+    live = live_cluster(rg)
+    dashboard = _dashboard_pid(rg, live)
+    with Load(rg.url, workers=3) as load:
+        load.wait_for_requests(10)
+        os.kill(dashboard, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            degraded = wait_for("the status to show the degraded dashboard",
+                                lambda: _degraded(rg, live), 30)  # fmt: skip
+            wait_for("25 s of a frozen dashboard", lambda: time.monotonic() - stopped > 25, 40)
+            s = rg.status("digits")
+            assert s["phase"] == "live" and s["active"]["cluster"] == live
+            assert s["pending"] is None, "a frozen dashboard started a replacement"
+            assert rg.clusters_running() == {live}
+        finally:
+            os.kill(dashboard, signal.SIGCONT)
+        wait_for("the dashboard to answer again", lambda: not _degraded(rg, live), 30)
+        n = len(load.outcomes)
+        load.wait_for_requests(n + 10)
+    no_failures(load)
+    assert degraded.startswith("dashboard unreachable for ")
+    assert live_cluster(rg) == live and rg.clusters_running() == {live}
+    print(f"\nfrozen dashboard under load: {len(load.outcomes)} requests, 0 failed")
+
+
+def _dashboard_pid(rg: Raygate, cluster: str) -> int:
+    for pid, owner in marked_processes(rg.owner).items():
+        if owner != cluster:
+            continue
+        with contextlib.suppress(OSError):
+            if b"dashboard/dashboard.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError(f"no dashboard process for {cluster}")
+
+
+def _degraded(rg: Raygate, cluster: str) -> str | None:
+    for d in rg.status("digits").get("degraded") or []:
+        if d["cluster"] == cluster:
+            return str(d["message"])
+    return None
 
 
 def test_blue_green_through_haproxy_with_zero_failures(rg: Raygate) -> None:

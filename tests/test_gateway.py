@@ -17,6 +17,7 @@ import pytest
 
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.limits import Limits
 from gateway.routes import Backend, Route, RouteTable
 from tests.loopback import (
     Gate,
@@ -350,13 +351,13 @@ async def test_haproxy_weight_change_applies_within_50ms(
     current, old = await haproxy.workers()
     assert current
     for pid in current + old:  # in force in HAProxy itself, without a reload
-        s0 = await haproxy.master(f"@!{pid} get weight be_0/s0")
-        if pid in old and s0.startswith("No such backend"):
+        a = await haproxy.master(f"@!{pid} get weight rt:svc/a")
+        if pid in old and a.startswith("No such backend"):
             continue  # an old worker still exiting, from the config before the route existed
-        for backend in ("be_0", "be_0_chunked"):
-            s0 = await haproxy.master(f"@!{pid} get weight {backend}/s0")
-            assert s0.startswith("0 "), s0
-            assert (await haproxy.master(f"@!{pid} get weight {backend}/s1")).startswith("1 ")
+        for backend in ("rt:svc", "ck:svc"):
+            a = await haproxy.master(f"@!{pid} get weight {backend}/a")
+            assert a.startswith("0 "), a
+            assert (await haproxy.master(f"@!{pid} get weight {backend}/b")).startswith("1 ")
 
 
 async def until_flights_of(engine: HAProxyEngine, expected: dict[str, int]) -> None:
@@ -395,7 +396,7 @@ async def test_haproxy_cuts_a_chunked_body_that_runs_on_past_the_limit(
     read its 413; a body still coming body_drain_s later is cut, so a client cannot hold
     the connection by sending forever."""
     settings = HAProxySettings(
-        tmp_path / "hx", port=free_port(), max_body_bytes=10_000, body_drain_s=1
+        tmp_path / "hx", port=free_port(), limits=Limits(max_body_bytes=10_000, body_drain_s=1)
     )
     engine = HAProxyEngine(settings)
     await engine.start()

@@ -21,12 +21,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.python_engine import GatewaySettings, PythonGateway
 from gateway.routes import Backend
 from rollout.server import data_plane_config
 from tests.harness import ROOT
 from tests.loopback import ENGINES, Gate, Upstream, free_port, table, until
+
+SMALL_BODIES = Limits(max_header_bytes=8 * 1024, max_body_bytes=100_000)
 
 
 @pytest.fixture(params=ENGINES)
@@ -41,9 +44,7 @@ async def metered(
     url = f"http://127.0.0.1:{port}"
     if request.param == "haproxy":
         hx = HAProxyEngine(
-            HAProxySettings(
-                tmp_path / "hx", port=port, max_header_bytes=8 * 1024, max_body_bytes=100_000
-            ),
+            HAProxySettings(tmp_path / "hx", port=port, limits=SMALL_BODIES),
             Metrics(registry),
         )
         await hx.start()
@@ -52,7 +53,7 @@ async def metered(
         await hx.drain(10)
         return
     engine = PythonGateway(
-        GatewaySettings(max_header_bytes=8 * 1024, max_body_bytes=100_000), Metrics(registry)
+        GatewaySettings(limits=SMALL_BODIES), Metrics(registry)
     )
     server = uvicorn.Server(data_plane_config(engine, "127.0.0.1", port))
     task = asyncio.create_task(server.serve())
@@ -326,6 +327,11 @@ def test_standalone_gateway_rejects_a_bad_route() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "expected /PREFIX=http://HOST:PORT" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "gateway", "--route", "/a#b=http://127.0.0.1:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "the prefix may hold only" in out.stderr, out.stderr
 
 
 async def test_several_workers_share_the_port_and_sum_their_metrics(upstream: Upstream) -> None:

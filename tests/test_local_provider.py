@@ -43,8 +43,8 @@ def test_allocate_gives_each_cluster_its_own_loopback_address_and_ports(
         # Ray puts Unix sockets under the temp dir: its path must stay short.
         assert len(first.data["temp_dir"]) < 40
     finally:
-        for info in (first, second):
-            os.rmdir(info.data["temp_dir"])
+        for info in (first, second):  # allocating only names it; `start` creates it
+            assert not os.path.exists(info.data["temp_dir"])
 
 
 def test_command_sets_every_port_and_environment_is_marked(
@@ -68,7 +68,24 @@ def test_command_sets_every_port_and_environment_is_marked(
         assert env["PYTHONPATH"].split(os.pathsep)[0] == "/srv/apps"
         assert env[OWNER_ENV] == provider.owner and env[CLUSTER_ENV] == "c"
     finally:
-        os.rmdir(info.data["temp_dir"])
+        assert not os.path.exists(info.data["temp_dir"])
+
+
+def test_raygate_variables_stay_out_of_the_ray_environment(
+    provider: LocalProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin token grants code execution; every Ray process would inherit it."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "secret-admin-token")
+    monkeypatch.setenv("RAYGATE_ADMIN_URL", "http://127.0.0.1:8001")
+    monkeypatch.setenv(OWNER_ENV, "someone-else")
+    monkeypatch.setenv("RAYGATEWAY", "not ours: kept")
+    spec = ClusterSpec()
+    info = provider.allocate("c", "svc", spec, [])
+    env = provider.environment(info, spec)
+    ours = {k: v for k, v in env.items() if k.startswith("RAYGATE_")}
+    assert ours == {OWNER_ENV: provider.owner, CLUSTER_ENV: "c"}
+    assert "secret-admin-token" not in env.values()
+    assert env["RAYGATEWAY"] == "not ours: kept"
 
 
 def test_claimed_ancestor_walks_up_the_tree() -> None:

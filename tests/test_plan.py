@@ -30,7 +30,12 @@ from rollout.spec import ServiceSpec
 
 
 def make_spec(
-    cpus: int = 2, label: str = "a", streak: int = 2, timeout: float = 100.0, delay: float = 0.0
+    cpus: int = 2,
+    label: str = "a",
+    streak: int = 2,
+    timeout: float = 100.0,
+    delay: float = 0.0,
+    dead_after: float = 300.0,
 ) -> ServiceSpec:
     return ServiceSpec.model_validate(
         {
@@ -51,12 +56,16 @@ def make_spec(
                 "drain_timeout_s": 30,
                 "deletion_delay_s": delay,
             },
+            "liveness": {"dead_after_s": dead_after},
         }
     )
 
 
 UP_OK = ClusterObservation(Liveness.UP, Health.OK)
 UP_PENDING = ClusterObservation(Liveness.UP, Health.PENDING, "deploying")
+# A dashboard that does not answer, with the Serve proxy still answering, or not.
+STALLED = ClusterObservation(Liveness.UNREACHABLE, proxy_ok=True)
+SILENT = ClusterObservation(Liveness.UNREACHABLE, proxy_ok=False)
 
 
 class World:
@@ -259,6 +268,108 @@ def test_dead_active_cluster_is_replaced_with_its_revision() -> None:
     assert w.state.phase is Phase.DEPLOYING
 
 
+def test_stalled_dashboard_keeps_the_active_cluster_and_its_traffic() -> None:
+    w = World()
+    live = go_live(w, make_spec(dead_after=120))
+    stalled_at = w.now + 25 / 3
+    for obs in (STALLED, SILENT, STALLED):  # 25 s without an answer, well under the window
+        d = w.tick({live: obs}, dt=25 / 3)
+        assert d.actions == () and w.state.phase is Phase.LIVE
+        assert w.state.traffic() == {live: 100}
+    assert w.state.unreachable_since(live) == stalled_at, "the first miss is kept"
+    d = w.tick({live: UP_OK})
+    assert d.actions == () and w.state.unreachable == ()
+    assert any("answers again" in e for e in d.events)
+
+
+def test_a_stalled_dashboard_alone_never_condemns_a_cluster() -> None:
+    w = World()
+    live = go_live(w, make_spec(dead_after=60))
+    for _ in range(10):  # ten minutes: the Serve proxy answers throughout
+        d = w.tick({live: STALLED}, dt=60)
+        assert d.actions == () and w.state.active is not None
+    assert w.state.pending is None and w.state.traffic() == {live: 100}
+
+
+def test_silent_cluster_is_replaced_after_the_window_and_keeps_traffic_until_then() -> None:
+    w = World()
+    old = go_live(w, make_spec(dead_after=60))
+    w.tick({old: SILENT}, dt=1)
+    d = w.tick({old: SILENT}, dt=59)
+    assert d.actions == (), "not before the whole window has passed"
+    d = w.tick({old: SILENT}, dt=1)
+    (create,) = d.actions
+    assert isinstance(create, CreateCluster) and create.revision == 1
+    new = create.cluster
+    # Never deleted before its replacement passed its gates: it keeps its traffic.
+    assert w.state.traffic() == {old: 100, new: 0}
+    assert w.state.phase is Phase.UPGRADING
+    pass_gates(w, old, new)  # (the old one answers again meanwhile: the switch goes on)
+    assert w.state.traffic() == {old: 0, new: 100}
+    d = w.tick({old: UP_OK, new: UP_OK})
+    assert DeleteCluster(old, "drained") in d.actions
+
+
+def test_replacement_of_a_silent_cluster_is_not_superseded_by_a_failed_revision() -> None:
+    w = World()
+    old = go_live(w, make_spec(dead_after=60))
+    w.push(make_spec(cpus=4))  # a cluster change that fails its gates
+    w.tick({old: UP_OK})
+    bad = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, bad: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, bad: ClusterObservation(Liveness.UP, Health.FAILED, "boom")})
+    assert w.state.pending is None and w.state.active is not None
+    w.tick({old: SILENT}, dt=1)
+    d = w.tick({old: SILENT}, dt=61)
+    new = w.state.pending.cluster if w.state.pending else ""
+    assert d.actions == (CreateCluster(new, 1),), "the last good revision, not the failed one"
+    d = w.tick({old: SILENT, new: ClusterObservation(Liveness.UP)})
+    assert w.state.pending is not None
+    assert (w.state.pending.cluster, w.state.pending.revision) == (new, 1)
+    assert d.actions == (DeployServe(new, 1),)
+
+
+def test_gone_cluster_that_was_replaced_is_not_superseded_by_a_failed_revision() -> None:
+    w = World()
+    old = go_live(w, make_spec())
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    bad = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: UP_OK, bad: ClusterObservation(Liveness.UP)})
+    w.tick({old: UP_OK, bad: ClusterObservation(Liveness.UP, Health.FAILED, "boom")})
+    d = w.tick({old: ClusterObservation(Liveness.DEAD)})
+    new = w.state.pending.cluster if w.state.pending else ""
+    assert CreateCluster(new, 1) in d.actions
+    w.tick({new: ClusterObservation(Liveness.UP)})
+    w.tick({new: UP_OK})
+    w.tick({new: UP_OK})
+    assert w.state.active is not None and w.state.active.cluster == new
+
+
+def test_pending_cluster_whose_dashboard_stalls_keeps_waiting_until_its_timeout() -> None:
+    w = World()
+    old, new = start_upgrade(w, make_spec(cpus=4, timeout=100))
+    w.tick({old: UP_OK, new: ClusterObservation(Liveness.UP)})
+    for _ in range(4):
+        d = w.tick({old: UP_OK, new: SILENT}, dt=20)
+        assert w.state.pending is not None and not d.finished
+        assert "unreachable" in w.state.pending.message
+    w.tick({old: UP_OK, new: UP_OK})
+    w.tick({old: UP_OK, new: UP_OK})
+    assert w.state.active is not None and w.state.active.cluster == new
+
+
+def test_no_free_slot_aborts_the_rollout_with_the_reason() -> None:
+    w = World()
+    w.push(make_spec())
+    d = plan(w.state, w.revisions[1], w.revisions, Observation({}, cannot_create="no slot"),
+             w.now, "c1")  # fmt: skip
+    assert d.actions == () and d.state.pending is None
+    assert d.state.last_rollout is not None
+    assert d.state.last_rollout.result is Result.ABORTED
+    assert d.state.last_rollout.message == "cannot create a cluster: no slot"
+
+
 def test_interrupted_cluster_start_is_retried_with_a_fresh_cluster() -> None:
     w = World()
     w.push(make_spec())
@@ -297,15 +408,18 @@ def test_delete_service_drains_then_is_gone() -> None:
 
 
 # ---- properties over random histories --------------------------------------------------
-SPECS = [make_spec(cpus=c, label=lb) for c in (1, 2) for lb in ("a", "b")]
+SPECS = [make_spec(cpus=c, label=lb, dead_after=30) for c in (1, 2) for lb in ("a", "b")]
 
 observation = st.builds(
     ClusterObservation,
     # Biased towards healthy clusters, so histories often get as far as a switch and a drain.
-    liveness=st.sampled_from([Liveness.UP] * 12 + [Liveness.STARTING, Liveness.DEAD]),
+    liveness=st.sampled_from(
+        [Liveness.UP] * 12 + [Liveness.STARTING, Liveness.DEAD] + [Liveness.UNREACHABLE] * 3
+    ),
     health=st.sampled_from([Health.OK] * 10 + [Health.PENDING, Health.FAILED, Health.NOT_DEPLOYED]),
     message=st.just("m"),
     in_flight=st.integers(0, 2),
+    proxy_ok=st.sampled_from([True, False, None]),
 )
 
 
@@ -375,21 +489,3 @@ def test_invariants_hold_over_random_histories(data: st.DataObject) -> None:
         assert len(after.clusters()) <= MAX_CLUSTERS
         assert sum(after.traffic().values()) in (0, 100)
 
-
-def test_route_table_carries_every_cluster_and_the_service_timeout() -> None:
-    from gateway.routes import Backend
-    from rollout.controller import route_table
-    from rollout.providers.base import ClusterInfo
-
-    w = World()
-    old, new = start_upgrade(w, make_spec(cpus=4))
-    spec = make_spec().model_copy(update={"gateway": make_spec().gateway.model_copy(
-        update={"timeout_s": 7.5})})  # fmt: skip
-    infos = {c: ClusterInfo(c, "svc", "local", "", f"127.0.0.{i + 2}", 9000, 0.0)
-             for i, c in enumerate((old, new))}  # fmt: skip
-    table = route_table({"svc": w.state}, lambda n, r: spec, infos)
-    (route,) = table.routes
-    assert route.prefix == "/app" and route.timeout_s == 7.5
-    # The pending cluster is already known to the engine, at weight 0.
-    assert set(route.backends) == {Backend(old, "http://127.0.0.2:9000", 100),
-                                   Backend(new, "http://127.0.0.3:9000", 0)}  # fmt: skip

@@ -142,3 +142,90 @@ def test_gateway_timeout_is_per_service_and_not_a_cluster_change() -> None:
     assert spec.cluster_hash() == parse_spec(base()).cluster_hash()
     raw["gateway"] = {"timeout": 5}
     assert problems(raw) == {"gateway.timeout": "unknown field"}
+
+
+def test_cluster_env_is_checked_at_push_and_names_each_key() -> None:
+    """Each would otherwise fail (or do silently wrong) only when the cluster starts."""
+    raw = base()
+    raw["cluster"]["env"] = {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": "/opt/lib",  # allowed: code_dir goes in front of it
+        "A=B": "x",
+        "": "empty name",
+        "N\0UL": "x",
+        "9LIVES": "x",
+        "VALUE_NUL": "a\0b",
+        "RAY_ADDRESS": "10.0.0.1:6379",
+        "RAYGATE_OWNER": "x",
+        "RAYGATE_TOKEN": "x",
+        "RAY_USAGE_STATS_ENABLED": "1",
+        "HUGE": "x" * (128 * 1024),
+        "SURROGATE": "\udcff",
+    }
+    found = problems(raw)
+    assert set(found) == {
+        "cluster.env.A=B",
+        "cluster.env.",
+        "cluster.env.N\0UL",
+        "cluster.env.9LIVES",
+        "cluster.env.VALUE_NUL",
+        "cluster.env.RAY_ADDRESS",
+        "cluster.env.RAYGATE_OWNER",
+        "cluster.env.RAYGATE_TOKEN",
+        "cluster.env.RAY_USAGE_STATS_ENABLED",
+        "cluster.env.HUGE",
+        "cluster.env.SURROGATE",
+    }, found
+    assert "environment variable name" in found["cluster.env.A=B"]
+    assert "NUL" in found["cluster.env.VALUE_NUL"]
+    raw["cluster"]["env"] = {"OMP_NUM_THREADS": "1", "PYTHONPATH": "/opt/lib", "_X1": ""}
+    assert parse_spec(raw).cluster.env["_X1"] == ""
+
+
+def test_cluster_paths_with_nul_or_a_path_separator_are_named(tmp_path: Path) -> None:
+    """A NUL made os.access raise (a 500 through the API); a ':' in code_dir would put a
+    second entry on PYTHONPATH."""
+    raw = base()
+    raw["cluster"]["python"] = "/usr/bin/python3\0"
+    assert problems(raw) == {"cluster.python": "a path cannot hold a NUL character"}
+    del raw["cluster"]["python"]
+    for bad in ("rel\0dir", "/srv/a\0"):
+        raw["cluster"]["code_dir"] = bad
+        assert problems(raw) == {"cluster.code_dir": "a path cannot hold a NUL character"}
+    odd = tmp_path / "a:b"
+    odd.mkdir()
+    raw["cluster"]["code_dir"] = str(odd)
+    assert "cannot hold ':'" in problems(raw)["cluster.code_dir"]
+
+
+def test_infinite_or_nan_durations_are_rejected() -> None:
+    raw = base()
+    raw["upgrade"]["health"]["timeout_s"] = float("inf")
+    raw["upgrade"]["drain_timeout_s"] = float("nan")
+    found = problems(raw)
+    assert set(found) >= {"upgrade.health.timeout_s", "upgrade.drain_timeout_s"}
+
+
+def test_probes_that_could_only_fail_when_sent_are_rejected_at_push() -> None:
+    raw = base()
+    raw["upgrade"]["health"]["probes"] = [
+        {"path": "/a b"},
+        {"path": "/ok", "headers": {"X-Ok": "fine", "Bad Name": "v"}},
+        {"path": "/ok", "headers": {"X-Split": "a\r\nInjected: 1"}},
+        {"path": "/ok", "headers": {"X-Wide": "caf\u00e9"}},
+    ]
+    found = problems(raw)
+    assert set(found) == {f"upgrade.health.probes.{i}.{f}"
+                          for i, f in ((0, "path"), (1, "headers"), (2, "headers"),
+                                       (3, "headers"))}, found  # fmt: skip
+
+
+def test_liveness_window_is_bounded_and_not_a_cluster_change() -> None:
+    raw = base()
+    raw["liveness"] = {"dead_after_s": 1}
+    assert "liveness.dead_after_s" in problems(raw)
+    a = parse_spec(base())
+    raw["liveness"] = {"dead_after_s": 600}
+    b = parse_spec(raw)
+    assert a.liveness.dead_after_s == 300 and b.liveness.dead_after_s == 600
+    assert a.cluster_hash() == b.cluster_hash() and a.spec_hash() != b.spec_hash()

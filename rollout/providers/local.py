@@ -3,7 +3,8 @@
 What FACTS.md measured shapes this module:
 - every cluster gets its own loopback address (127.0.0.2, .3, ...), a block of ports and a
   short temp dir (Ray puts Unix sockets there: paths must stay under ~107 bytes);
-- `RAY_ADDRESS` is removed from the environment Ray inherits;
+- `RAY_ADDRESS` and raygate's own `RAYGATE_*` variables (the admin token) are removed from the
+  environment Ray inherits;
 - a cluster is stopped by its own PIDs in Ray's order (everything else, then gcs_server),
   SIGTERM then SIGKILL, never `ray stop`.
 Every process of a cluster carries two environment markers (owner = this state dir, cluster
@@ -32,7 +33,7 @@ import httpx
 
 from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo, ProviderError
-from rollout.spec import ClusterSpec
+from rollout.spec import OUR_ENV_PREFIX, ClusterSpec
 
 log = logging.getLogger("raygate.local")
 
@@ -92,7 +93,10 @@ class LocalProvider:
             ports = {name: base + off for name, off in PORTS.items()}
             if not all(_port_free(address, p) for p in ports.values()):
                 continue
-            temp_dir = tempfile.mkdtemp(prefix=f"rg-{self.owner[:6]}-")
+            # Named, not created: allocating has no side effect (a decision whose commit
+            # fails leaves nothing behind); `start` creates it. Short: Ray puts sockets there.
+            tag = hashlib.sha256(cluster_id.encode()).hexdigest()[:8]
+            temp_dir = str(Path(tempfile.gettempdir()) / f"rg-{self.owner[:6]}-{tag}")
             return ClusterInfo(
                 id=cluster_id,
                 service=service,
@@ -144,7 +148,13 @@ class LocalProvider:
         ]
 
     def environment(self, info: ClusterInfo, spec: ClusterSpec) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # raygate's own variables stay out of Ray: RAYGATE_TOKEN grants the admin API (and so
+        # code execution), and every Ray worker and replica would inherit it.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != "RAY_ADDRESS" and not k.startswith(OUR_ENV_PREFIX)
+        }
         env.update(spec.env)
         if spec.code_dir:
             current = env.get("PYTHONPATH")
@@ -155,6 +165,7 @@ class LocalProvider:
         return env
 
     async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
+        os.makedirs(info.data["temp_dir"], mode=0o700, exist_ok=True)
         log_path = Path(info.data["temp_dir"]) / "ray-start.log"
         with log_path.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -191,15 +202,20 @@ class LocalProvider:
 
     # ---- observe --------------------------------------------------------------------
     async def liveness(self, info: ClusterInfo) -> Liveness:
+        """DEAD only when the cluster is gone: its GCS server (the head of every Ray cluster)
+        has no live process. A dashboard that does not answer is UNREACHABLE: its processes,
+        Serve's proxy and replicas included, may well keep serving. Whether that lasts too
+        long is the planner's call. (`start` returns once the dashboard answers, so a local
+        cluster is never observed STARTING.)"""
         try:
             resp = await self._http.get(info.dashboard_url + "/api/version", timeout=2)
             if resp.status_code == 200:
                 return Liveness.UP
         except httpx.HTTPError:
             pass
-        if self.pids(info.id) and time.time() - info.created_at < self.settings.start_timeout_s:
-            return Liveness.STARTING
-        return Liveness.DEAD
+        if not any(_is_gcs(pid) for pid in self.pids(info.id)):
+            return Liveness.DEAD
+        return Liveness.UNREACHABLE
 
     def pids(self, cluster_id: str | None = None) -> dict[int, str]:
         """pid -> cluster id of every live process of our clusters.
