@@ -42,6 +42,12 @@ class DataPlane(Protocol):
     async def in_flight(self) -> Mapping[str, int]:
         """Requests in flight per cluster name, right now."""
 
+    async def routed(self) -> set[str]:
+        """Clusters some part of the data plane may still send a new request to: those with
+        weight in the current table, and any an older part still routes by (an old HAProxy
+        worker keeps the weights it had and answers one more request on each kept-alive
+        connection). A cluster in here must not be deleted."""
+
     async def drain(self, timeout_s: float) -> None:
         """Stop taking new requests and wait (bounded) for in-flight ones to finish."""
 

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -135,6 +136,9 @@ class HAProxyEngine:
         self._retired: set[int] = set()  # old workers whose reader finished: they are exiting
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
+        # Old worker pid -> the table in force in it when it was current (its config plus
+        # the weight changes it took): it keeps routing by that (see `routed`).
+        self._old_tables: dict[int, RouteTable] = {}
 
     @property
     def table(self) -> RouteTable:
@@ -188,6 +192,7 @@ class HAProxyEngine:
             return False
         self._master = adopted
         self._topology = None  # the first apply reloads with the current table
+        self._take_over_table()
         current, old = await self.workers()
         self._adopted_workers = set(current + old)
         log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
@@ -297,7 +302,9 @@ class HAProxyEngine:
             topo = topology(table)
             if topo != self._topology:
                 self._write(table)
-                await self._reload()
+                retiring = await self._reload()
+                if retiring is not None:
+                    self._old_tables[retiring] = self._table
                 self._topology = topo
             else:
                 line = "; ".join(weight_commands(table, since=self._table))
@@ -306,6 +313,51 @@ class HAProxyEngine:
             self._clusters.update(server_names(table))
             self._routes.update(backends_of(table))
             self._table = table
+            self._save_table(table)
+
+    async def routed(self) -> set[str]:
+        """The current table's clusters with weight, and those of every old worker that
+        still has a client connection: it answers one more request on each kept-alive one
+        by the weights it had (`set server` is refused on a stopping worker), so a cluster
+        the switch took traffic from may still get a request from it."""
+        out = self._table.routed()
+        _current, old = await self.workers()
+        self._old_tables = {p: t for p, t in self._old_tables.items() if p in old}
+        for pid, table in self._old_tables.items():
+            if not table.routed() <= out and await self._has_clients(pid):
+                out |= table.routed()
+        return out
+
+    async def _has_clients(self, pid: int) -> bool:
+        """Does the old worker `pid` still hold a client connection (idle ones included)?
+        One that no longer answers is exiting: it takes no new request."""
+        text = await self._old_worker(pid, "show stat -1 1 -1")  # frontends
+        if text is None:
+            return False
+        rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+        return any(r.get("svname") == "FRONTEND" and int(r["scur"] or 0) > 0 for r in rows)
+
+    @property
+    def _table_path(self) -> Path:
+        return self.settings.work_dir / "table.json"
+
+    def _save_table(self, table: RouteTable) -> None:
+        """The table in force, for a raygate that adopts this HAProxy after a restart."""
+        tmp = self._table_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table.to_json()))
+        os.replace(tmp, self._table_path)
+
+    def _take_over_table(self) -> None:
+        """An adopted HAProxy routes by the table the last raygate put in force; it is this
+        engine's until the first apply (so its worker, once old, is known to route by it)."""
+        try:
+            table = RouteTable.from_json(json.loads(self._table_path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("the adopted haproxy's route table is unknown: %r", exc)
+            return
+        self._table = table
+        self._clusters.update(server_names(table))
+        self._routes.update(backends_of(table))
 
     async def in_flight(self) -> Mapping[str, int]:
         out: dict[str, int] = {}
@@ -352,17 +404,20 @@ class HAProxyEngine:
             log.debug("old haproxy worker %s: %r", pid, exc)
             return None
 
-    async def _reload(self) -> None:
-        # The old worker's log reader stays: it counts what the old worker still answers,
-        # and is finished once that worker has no connection left (see _follow_logs). A
-        # worker can only be reached through the runtime API socket while it is the current
-        # one, so it gets its reader now if the follow loop has not opened one yet.
+    async def _reload(self) -> int | None:
+        """Reload the config on disk; returns the worker that became an old one.
+
+        The old worker's log reader stays: it counts what the old worker still answers,
+        and is finished once that worker has no connection left (see _follow_logs). A
+        worker can only be reached through the runtime API socket while it is the current
+        one, so it gets its reader now if the follow loop has not opened one yet."""
         current, _old = await self.workers()
         if current and current[0] not in self._readers:
             await self._open_reader()
         answer = await self.master("reload")
         if "Success=1" not in answer:
             raise HAProxyError(f"haproxy reload failed: {answer.strip()[:2000]}")
+        return current[0] if current else None
 
     def _write(self, table: RouteTable) -> None:
         path = self.settings.config_path

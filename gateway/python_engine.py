@@ -127,6 +127,9 @@ class PythonGateway:
     async def in_flight(self) -> Mapping[str, int]:
         return dict(self._in_flight)
 
+    async def routed(self) -> set[str]:
+        return self._table.routed()  # one table, swapped whole: nothing older routes
+
     async def drain(self, timeout_s: float) -> None:
         self._draining = True
         with contextlib.suppress(TimeoutError):

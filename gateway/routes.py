@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -121,3 +122,18 @@ class RouteTable:
             for b in r.backends:
                 per[b.cluster] = max(per.get(b.cluster, 0), b.weight)
         return out
+
+    def routed(self) -> set[str]:
+        """Clusters that new requests may go to (weight > 0 on some route)."""
+        return {b.cluster for r in self.routes for b in r.backends if b.weight > 0}
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.routes]
+
+    @staticmethod
+    def from_json(raw: list[dict[str, Any]]) -> RouteTable:
+        return RouteTable(tuple(
+            Route(r["prefix"], r["service"], r["app"],
+                  tuple(Backend(**b) for b in r["backends"]), r["timeout_s"])
+            for r in raw
+        ))  # fmt: skip

@@ -342,12 +342,22 @@ class Controller:
         """Delete every cluster record marked for deletion (of `service`, or of any service
         not in `skip`), whatever tick marked it: level-triggered, so a failed deletion is
         tried again next tick until it is done."""
-        for info, cstate in self.store.clusters():
-            if cstate is not ClusterState.DELETING:
-                continue
-            if (service is not None and info.service != service) or info.service in skip:
-                continue
-            if not self._unrouted(info.id):
+        marked = [
+            info
+            for info, cstate in self.store.clusters()
+            if cstate is ClusterState.DELETING
+            and (service is None or info.service == service)
+            and info.service not in skip
+        ]
+        if not marked:
+            return
+        try:
+            routed = await self.dataplane.routed()
+        except Exception as exc:  # the engine cannot be asked now: delete nothing yet
+            log.warning("the data plane cannot say where it routes (%r); deleting later", exc)
+            return
+        for info in marked:
+            if info.id in routed:
                 log.info("cluster %s waits for the gateway to stop routing to it", info.id)
                 continue
             try:
@@ -357,14 +367,6 @@ class Controller:
             except Exception as exc:
                 log.error("deleting cluster %s failed (%r); trying again next tick", info.id, exc)
                 self._event(info.service, f"deleting cluster {info.id} failed: {exc!r}")
-
-    def _unrouted(self, cluster: str) -> bool:
-        """True if the data plane's current table sends no new request to `cluster`."""
-        if self._table is None:
-            return True
-        return all(
-            b.weight == 0 for r in self._table.routes for b in r.backends if b.cluster == cluster
-        )
 
     async def _create(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()

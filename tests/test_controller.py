@@ -178,6 +178,10 @@ class DataPlaneDouble:
     async def in_flight(self) -> Mapping[str, int]:
         return {}
 
+    async def routed(self) -> set[str]:
+        """What the last table it took routes to: a refused table is not in force."""
+        return self.tables[-1].routed() if self.tables else set()
+
     async def drain(self, timeout_s: float) -> None:
         return None
 

@@ -156,3 +156,41 @@ async def test_haproxy_names_follow_their_cluster_across_a_reordering_reload(
             assert (count("a"), count("b"), count("c")) == (0, 3, 1)
     finally:
         await engine.drain(10)
+
+
+async def test_a_cluster_an_old_worker_still_routes_to_is_never_reported_free(
+    tmp_path: Path,
+) -> None:
+    """An old worker keeps the weights it had (HAProxy refuses `set server` on a stopping
+    worker) and answers one more request on each kept-alive connection. So after a reload
+    and a switch away from `a`, the current table no longer routes to `a` (what the
+    controller used to check before deleting a cluster), yet a client idle on the old
+    worker still gets `a`: the engine must report `a` routed until that connection is
+    gone, or `a` could be deleted under that request."""
+    engine = HAProxyEngine(HAProxySettings(tmp_path / "hx", port=free_port()))
+    await engine.start()
+    try:
+        async with labelled_upstreams("a", "b") as (a, b):
+
+            def svc(wa: int, wb: int | None) -> RouteTable:
+                ups = [(a, wa), (b, wb)]
+                backends = tuple(Backend(u.label, u.url, w) for u, w in ups if w is not None)
+                return RouteTable((Route("/svc", "svc", "app", backends),))
+
+            await engine.apply(svc(1, None))
+            kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
+            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            await engine.apply(svc(1, 0))  # the new cluster joins at weight 0: a reload
+            await engine.apply(svc(0, 1))  # the switch, taken by the new worker only
+            assert engine.table.routed() == {"b"}, "the table alone says a is free"
+            assert await engine.routed() == {"a", "b"}
+            status, headers, body = await http_get(*kept, "/svc/x")
+            assert (status, body, headers.get("connection")) == (200, "a", "close")
+            kept[1].close()
+            deadline = time.monotonic() + 10  # the old worker sees the connection close
+            while (routed := await engine.routed()) != {"b"} and time.monotonic() < deadline:  # noqa: ASYNC110 - HAProxy state: no event to await
+                await asyncio.sleep(0.1)
+            assert routed == {"b"}
+    finally:
+        await engine.drain(5)
+        await engine.close()
