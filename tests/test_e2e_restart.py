@@ -15,6 +15,7 @@ import pytest
 from tests.haproxy_procs import haproxy_masters
 from tests.harness import EXAMPLES, Load, Raygate, marked_processes, running_raygate
 from tests.test_e2e_ray import assert_clean_switch, live_cluster, no_failures
+from tests.test_up import exit_of, up
 
 pytestmark = pytest.mark.ray
 
@@ -47,6 +48,13 @@ def test_sigkilled_raygate_restarts_adopts_and_blue_green_succeeds_under_load(
         rg.start()  # the store holds the service: no spec needed
         assert live_cluster(rg, 1) == old, "the running cluster is adopted, not replaced"
         assert haproxy_masters(config_of(rg)) == [master], "HAProxy adopted, not doubled"
+        # A second `raygate up` on the same state dir, as an operator might start by
+        # mistake: it must leave at once and touch nothing (it used to stop the first's
+        # clusters as orphans).
+        code, said = exit_of(up(rg.state_dir, extra=("--engine", "haproxy")), within_s=20)
+        assert code != 0 and "in use by another raygate" in said, said
+        assert rg.clusters_running() == {old}
+        assert haproxy_masters(config_of(rg)) == [master]
         out = rg.cli("push", str(EXAMPLES / "v2.yaml"), "--wait")
         n = len(load.outcomes)
         load.wait_for_requests(n + 10)
