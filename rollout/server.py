@@ -226,6 +226,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
     )
     code = 1
+    started = False
     try:
         await gateway.start()  # adopts a running data plane; before the first route table
         await controller.start()
@@ -235,15 +236,22 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
                 "%s: revision %d %s", spec.name, revision, "unchanged" if unchanged else "pushed"
             )
             controller.wake(spec.name)
+        started = True
         code = await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
             settings.drain_timeout_s, admin_host=settings.admin_host, keep=keep,
         )  # fmt: skip
     finally:
-        if keep:
-            log.info("leaving every Ray cluster and the data plane running (--on-exit keep)")
+        if keep or not started:
+            # A raygate that failed to start never tears down what it found serving: the
+            # services of an upgrade that cannot start must outlive it.
+            why = "--on-exit keep" if started else "start-up failed"
+            log.info("leaving every Ray cluster and the data plane running (%s)", why)
             await controller.stop(delete_clusters=False)
-            await gateway.release(settings.drain_timeout_s)
+            try:
+                await gateway.release(settings.drain_timeout_s)
+            except Exception:
+                log.exception("releasing the data plane failed")
         else:
             log.info("stopping every Ray cluster raygate started")
             await controller.stop(delete_clusters=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.routes import route_prefix_problem
 
@@ -39,10 +40,11 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    # No inf/nan: an infinite health timeout would leave a pending cluster waiting forever.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
+    """The models a stored revision is loaded with too. Checks added later go to
+    `parse_spec` (push time only), never here: a stored revision that a newer raygate would
+    refuse must still load, or the upgraded raygate could not start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class ClusterSpec(_Strict):
@@ -55,30 +57,16 @@ class ClusterSpec(_Strict):
     python: str | None = None
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
-
-
 class Probe(_Strict):
     """A smoke request sent straight to a pending cluster's Serve proxy."""
 
-    path: str = Field(pattern=r"^/[\x21-\x7e]*$")  # visible ASCII: no space, no newline
+    path: str = Field(pattern=r"^/")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
     json_body: Any = Field(None, alias="json")
     headers: dict[str, str] = Field(default_factory=dict)
     expect_status: int = Field(200, ge=100, le=599)
     expect_body_contains: str | None = None
-    timeout_s: float = Field(10.0, gt=0, le=600)
-
-    @field_validator("headers")
-    @classmethod
-    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
-        """Headers that could only fail when the health gate sends them fail at push."""
-        for name, value in headers.items():
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"header name {name!r} is not an HTTP token")
-            if any(c in value for c in "\r\n\0") or not value.isascii():
-                raise ValueError(f"header {name!r}: value must be ASCII without CR, LF, NUL")
-        return headers
+    timeout_s: float = Field(10.0, gt=0)
 
 
 class HealthSpec(_Strict):
@@ -160,11 +148,48 @@ def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
         raise SpecError(_pydantic_problems(exc)) from None
 
     problems: list[tuple[str, str]] = []
+    _check_finite(spec.model_dump(mode="python", exclude={"serve"}), "", problems)
+    _check_probes(spec.upgrade.health.probes, problems)
     serve = _validate_serve(spec.serve, problems)
     cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
     if problems:
         raise SpecError(problems)
     return spec.model_copy(update={"serve": serve, "cluster": cluster})
+
+
+def _check_finite(value: Any, path: str, problems: list[tuple[str, str]]) -> None:
+    """No inf/nan anywhere: an infinite health timeout would leave a pending cluster
+    waiting forever."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _check_finite(inner, f"{path}.{key}" if path else str(key), problems)
+    elif isinstance(value, list | tuple):
+        for i, inner in enumerate(value):
+            _check_finite(inner, f"{path}.{i}", problems)
+    elif isinstance(value, float) and not math.isfinite(value):
+        problems.append((path, "must be a finite number"))
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 5.1)
+_PROBE_PATH = re.compile(r"/[\x21-\x7e]*")  # visible ASCII: no space, no newline
+MAX_PROBE_TIMEOUT_S = 600.0
+
+
+def _check_probes(probes: tuple[Probe, ...], problems: list[tuple[str, str]]) -> None:
+    """What could only fail when the health gate sends a probe fails at push."""
+    for i, probe in enumerate(probes):
+        at = f"upgrade.health.probes.{i}"
+        if not _PROBE_PATH.fullmatch(probe.path):
+            problems.append((f"{at}.path", "must be visible ASCII: no space, no newline"))
+        if probe.timeout_s > MAX_PROBE_TIMEOUT_S:
+            problems.append((f"{at}.timeout_s", f"at most {MAX_PROBE_TIMEOUT_S:g}"))
+        for name, value in probe.headers.items():
+            if not _TOKEN.fullmatch(name):
+                problems.append((f"{at}.headers", f"header name {name!r} is not an HTTP token"))
+            elif any(c in value for c in "\r\n\0") or not value.isascii():
+                problems.append(
+                    (f"{at}.headers", f"header {name!r}: value must be ASCII without CR, LF, NUL")
+                )
 
 
 def _pydantic_problems(exc: pydantic.ValidationError, prefix: str = "") -> list[tuple[str, str]]:

@@ -215,3 +215,28 @@ def test_admin_api_stays_on_loopback_when_the_data_plane_moves(tmp_path: Path) -
         finally:
             proc.terminate()
             assert exit_of(proc, 30)[0] == 0
+
+
+async def test_a_raygate_that_fails_to_start_tears_nothing_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgraded raygate that cannot start (here: its controller fails at start-up) must
+    leave the clusters and data plane it found serving; it used to stop every cluster."""
+    from rollout.controller import Controller
+    from rollout.server import UpSettings, run_up
+
+    stops: list[bool] = []
+
+    async def failing_start(self: Controller) -> None:
+        raise RuntimeError("cannot start")
+
+    async def recording_stop(self: Controller, delete_clusters: bool = True) -> None:
+        stops.append(delete_clusters)
+
+    monkeypatch.setattr(Controller, "start", failing_start)
+    monkeypatch.setattr(Controller, "stop", recording_stop)
+    settings = UpSettings(tmp_path / "state", port=free_port(), admin_port=free_port(),
+                          token="t" * 32, engine="python")  # fmt: skip
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await run_up(settings, [])
+    assert stops == [False]
