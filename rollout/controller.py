@@ -254,6 +254,8 @@ class Controller:
             numbers.add(state.active.revision)
         if state.pending is not None:
             numbers.add(state.pending.revision)
+        if state.restore is not None:
+            numbers.add(state.restore)
         return {
             n: desired if n == desired.number else self.store.revision(name, n) for n in numbers
         }

@@ -132,6 +132,9 @@ class ServiceState:
     last_rollout: RolloutRecord | None = None
     deleting: bool = False
     unreachable: tuple[Unreachable, ...] = ()
+    # The revision an active cluster ran when it was found gone: brought back on a new
+    # cluster unless a newer one goes live first. Cleared once a cluster is active again.
+    restore: int | None = None
 
     @property
     def phase(self) -> Phase:
@@ -235,8 +238,6 @@ class _Builder:
         self.actions: list[Action] = []
         self.events: list[str] = []
         self.finished: list[RolloutRecord] = []
-        # The revision an active cluster ran when it died this tick, to bring it back.
-        self.dead_revision: int | None = None
 
     def set(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)  # type: ignore[arg-type]
@@ -370,7 +371,7 @@ def _handle_dead_active(b: _Builder, observed: Observation) -> None:
         b.set(pending=None)
     b.act(DeleteCluster(active.cluster, "dead"))
     b.set(active=None)
-    b.dead_revision = active.revision
+    b.set(restore=active.revision)
 
 
 def _replace_unresponsive_active(
@@ -448,10 +449,10 @@ def _start(
         return
     if _failed(s, desired.number):
         # Do not retry a revision that failed; but a service whose active cluster died
-        # gets its last good revision back.
-        if b.dead_revision is None or b.dead_revision not in revisions:
+        # gets its last good revision back, however many rollouts ended meanwhile.
+        if s.restore is None or s.restore not in revisions:
             return
-        target = revisions[b.dead_revision]
+        target = revisions[s.restore]
     if s.active is not None and s.active.cluster_hash == target.cluster_hash:
         b.set(
             pending=Pending(
@@ -551,7 +552,8 @@ def _promote(b: _Builder, p: Pending, revision: Revision, now: float) -> None:
     if p.kind is Kind.NEW_CLUSTER and old is not None:
         up = revision.spec.upgrade
         retiring = (*retiring, Retiring(old.cluster, now, up.drain_timeout_s, up.deletion_delay_s))
-    b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring)
+    b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring,
+          restore=None)  # fmt: skip
     b.end_rollout(p.revision, Result.SUCCEEDED, f"revision {p.revision} is live on {p.cluster}")
     if p.kind is Kind.NEW_CLUSTER:
         b.event(f"switched traffic to {p.cluster} (revision {p.revision})")

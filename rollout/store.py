@@ -109,6 +109,7 @@ def _from_json(text: str) -> ServiceState:
         else None,
         deleting=raw["deleting"],
         unreachable=tuple(Unreachable(**u) for u in raw.get("unreachable", ())),
+        restore=raw.get("restore"),
     )
 
 

@@ -346,6 +346,31 @@ def test_gone_cluster_that_was_replaced_is_not_superseded_by_a_failed_revision()
     assert w.state.active is not None and w.state.active.cluster == new
 
 
+def test_a_gone_active_cluster_comes_back_after_the_rollout_under_way_aborts() -> None:
+    """The active cluster is found gone while a cluster change is under way; that change
+    then fails its gates. The last good revision must still come back (found by review: the
+    service stayed down, 20 ticks later, until someone pushed again)."""
+    w = World()
+    old = go_live(w, make_spec())
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: ClusterObservation(Liveness.DEAD), new: ClusterObservation(Liveness.UP)})
+    assert w.state.active is None and w.state.pending is not None
+    w.tick({new: ClusterObservation(Liveness.UP, Health.FAILED, "400: bad config")})
+    assert w.state.last_rollout is not None
+    assert w.state.last_rollout.result is Result.ABORTED and w.state.pending is None
+    d = w.tick({})
+    back = w.state.pending.cluster if w.state.pending else ""
+    assert d.actions == (CreateCluster(back, 1),), "the last good revision comes back"
+    w.tick({back: ClusterObservation(Liveness.UP)})
+    w.tick({back: UP_OK})
+    w.tick({back: UP_OK})
+    assert w.state.active is not None
+    assert (w.state.active.cluster, w.state.active.revision) == (back, 1)
+    assert w.state.restore is None
+
+
 def test_pending_cluster_whose_dashboard_stalls_keeps_waiting_until_its_timeout() -> None:
     w = World()
     old, new = start_upgrade(w, make_spec(cpus=4, timeout=100))
