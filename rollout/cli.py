@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- up ------------------------------------------------------------------------------
 def _up(args: argparse.Namespace) -> int:
-    from rollout.server import SpecConflict, UpSettings, run_up  # keeps `raygate status` light
+    from rollout.server import SpecConflict, UpSettings, WeakToken, run_up  # keeps status light
     from rollout.statedir import StateDirBusy
 
     logging.basicConfig(
@@ -159,7 +159,7 @@ def _up(args: argparse.Namespace) -> int:
     )
     try:
         return _run(run_up(settings, specs))
-    except (StateDirBusy, SpecConflict) as exc:
+    except (StateDirBusy, SpecConflict, WeakToken) as exc:
         print(f"raygate: {exc}", file=sys.stderr)
         return 2
 

@@ -72,15 +72,34 @@ class SpecConflict(ValueError):
     """The specs given to `raygate up` cannot all be pushed; nothing was."""
 
 
+MIN_TOKEN_CHARS = 24  # a generated token has 43
+
+
+class WeakToken(ValueError):
+    """The admin token is empty or too short to guard what it grants (code execution)."""
+
+
 def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
     path = state_dir / "token"
     if path.exists():
-        return path.read_text().strip(), path
+        token = path.read_text().strip()
+        if len(token) < MIN_TOKEN_CHARS:  # e.g. a write that failed (disk full) left it empty
+            raise WeakToken(
+                f"the token in {path} has {len(token)} characters, fewer than "
+                f"{MIN_TOKEN_CHARS}: delete the file to have a new one made"
+            )
+        return token, path
     state_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_suffix(".tmp")  # written whole, then named: never an empty token file
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return token, path
 
 
@@ -199,9 +218,17 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     make_private(state_dir)
     if settings.token:
         token = settings.token
+        if len(token) < MIN_TOKEN_CHARS:
+            lock.release()
+            raise WeakToken(f"RAYGATE_TOKEN has {len(token)} characters, fewer than "
+                            f"{MIN_TOKEN_CHARS}")  # fmt: skip
         log.info("admin token: from RAYGATE_TOKEN")
     else:
-        token, token_path = load_or_create_token(state_dir)
+        try:
+            token, token_path = load_or_create_token(state_dir)
+        except WeakToken:
+            lock.release()
+            raise
         log.info("admin token: %s", token_path)
     keep = settings.on_exit == "keep"
 

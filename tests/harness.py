@@ -88,7 +88,7 @@ class Raygate:
     state_dir: Path
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
-    token: str = "e2e-token"
+    token: str = "e2e-token-of-at-least-24-characters"
     engine: str = "python"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None

@@ -38,7 +38,7 @@ def up(
         [sys.executable, "-m", "rollout.cli", "up", *map(str, specs),
          "--state-dir", str(state_dir), "--port", str(port or free_port()),
          "--admin-port", str(admin_port or free_port()), "--engine", "python", *extra],
-        cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": "t"}, stdout=subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": "t" * 32}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -138,7 +138,7 @@ def test_state_dir_and_its_files_are_private(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     os.chmod(state_dir, 0o755)
-    (state_dir / "token").write_text("old-token\n")
+    (state_dir / "token").write_text("an-old-token-of-more-than-24-characters\n")
     os.chmod(state_dir / "token", 0o644)
     gate = TokenFromFile(state_dir)
     gate.start()
@@ -240,3 +240,27 @@ async def test_a_raygate_that_fails_to_start_tears_nothing_down(
     with pytest.raises(RuntimeError, match="cannot start"):
         await run_up(settings, [])
     assert stops == [False]
+
+
+def test_an_empty_or_short_token_is_refused_at_start(tmp_path: Path) -> None:
+    """An empty token file (a write that failed) made `Authorization: Bearer ` pass."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "token").write_text("\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAYGATE_TOKEN"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "up", "--state-dir", str(state_dir),
+         "--port", str(free_port()), "--admin-port", str(free_port()), "--engine", "python"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    code, out = exit_of(proc, within_s=30)
+    assert code == 2 and "delete the file" in out, out
+    short = subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "up", "--state-dir", str(tmp_path / "other"),
+         "--port", str(free_port()), "--admin-port", str(free_port()), "--engine", "python"],
+        cwd=ROOT, env={**env, "RAYGATE_TOKEN": "short"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    code, out = exit_of(short, within_s=30)
+    assert code == 2 and "RAYGATE_TOKEN has 5 characters" in out, out
