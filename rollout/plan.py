@@ -351,8 +351,7 @@ def _delete_service(b: _Builder, revisions: Mapping[int, Revision], now: float) 
     active = b.state.active
     if active is not None:
         # Retire rather than delete: its requests in flight finish first.
-        up = revisions[active.revision].spec.upgrade if active.revision in revisions else None
-        drain = up.drain_timeout_s if up else 30.0
+        drain = _drain_s(revisions.get(active.revision))
         b.set(active=None, retiring=(*b.state.retiring, Retiring(active.cluster, now, drain, 0.0)))
         b.event(f"service deleted: draining {active.cluster}")
         return b.decision()
@@ -539,19 +538,33 @@ def _advance(
     elif obs.health is Health.OK:
         streak = p.ok_streak + 1
         if streak >= health.consecutive_successes:
-            _promote(b, p, revisions[p.revision], now)
+            _promote(b, p, revisions, now)
         else:
             b.set(pending=replace(p, ok_streak=streak, message=obs.message))
     elif obs.health is Health.PENDING:
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
 
 
-def _promote(b: _Builder, p: Pending, revision: Revision, now: float) -> None:
+def _drain_s(*revisions: Revision | None) -> float:
+    """How long a retiring cluster's requests in flight may take: the drain timeout, but never
+    less than the gateway's own timeout on the routes those requests came through (a cluster
+    stopped under a request fails it; the gateway would still have waited for it)."""
+    known = [r.spec for r in revisions if r is not None]
+    if not known:
+        return 60.0  # the defaults' gateway timeout
+    return max([known[0].upgrade.drain_timeout_s, *(s.gateway.timeout_s for s in known)])
+
+
+def _promote(
+    b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float
+) -> None:
     old = b.state.active
     retiring = b.state.retiring
+    revision = revisions[p.revision]
     if p.kind is Kind.NEW_CLUSTER and old is not None:
-        up = revision.spec.upgrade
-        retiring = (*retiring, Retiring(old.cluster, now, up.drain_timeout_s, up.deletion_delay_s))
+        drain = _drain_s(revision, revisions.get(old.revision))
+        delay = revision.spec.upgrade.deletion_delay_s
+        retiring = (*retiring, Retiring(old.cluster, now, drain, delay))
     b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring,
           restore=None)  # fmt: skip
     b.end_rollout(p.revision, Result.SUCCEEDED, f"revision {p.revision} is live on {p.cluster}")
