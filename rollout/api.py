@@ -92,6 +92,7 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
             for r in state.retiring
         ],
         "last_rollout": last,
+        "waiting": state.waiting or None,  # why the desired revision has not started yet
         # A cluster whose dashboard does not answer keeps its role (phase unchanged) until
         # the planner's window says it must be replaced: this says so meanwhile.
         "degraded": [

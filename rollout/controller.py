@@ -97,6 +97,7 @@ class Controller:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._errors: dict[tuple[str, int], str] = {}  # (cluster, revision) -> permanent error
+        self._delete_failed: set[str] = set()  # clusters whose deletion failed at least once
         self._table: RouteTable | None = None  # the last table the data plane took
         self._publishing = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -150,17 +151,17 @@ class Controller:
 
     async def _supervise(self) -> None:
         while True:
-            names = self.store.service_names()
-            for name in names:
-                task = self._tasks.get(name)
-                if task is None or task.done():
-                    self._wake[name] = asyncio.Event()
-                    self._tasks[name] = asyncio.create_task(self._service_loop(name))
-            # Records of services that are gone: no service loop sweeps them.
-            try:
+            try:  # the supervisor never dies: every service loop is started from here
+                names = self.store.service_names()
+                for name in names:
+                    task = self._tasks.get(name)
+                    if task is None or task.done():
+                        self._wake[name] = asyncio.Event()
+                        self._tasks[name] = asyncio.create_task(self._service_loop(name))
+                # Records of services that are gone: no service loop sweeps them.
                 await self._sweep_deletions(None, skip=set(names))
             except Exception:
-                log.exception("deleting clusters of removed services failed; retrying")
+                log.exception("supervising the service loops failed; retrying next tick")
             self._spawn.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._spawn.wait(), self.settings.tick_s)
@@ -368,7 +369,10 @@ class Controller:
                 raise
             except Exception as exc:
                 log.error("deleting cluster %s failed (%r); trying again next tick", info.id, exc)
-                self._event(info.service, f"deleting cluster {info.id} failed: {exc!r}")
+                if info.id not in self._delete_failed:  # an event once, a log line each tick
+                    self._delete_failed.add(info.id)
+                    self._event(info.service, f"deleting cluster {info.id} failed: {exc!r}; "
+                                              "trying again until it is gone")  # fmt: skip
 
     async def _create(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()
@@ -410,6 +414,7 @@ class Controller:
         await self.provider.delete(info)
         self.store.drop_cluster(info.id)
         self._errors = {k: v for k, v in self._errors.items() if k[0] != info.id}
+        self._delete_failed.discard(info.id)
         took = time.monotonic() - started
         self.metrics.step_took("delete", took)
         self._event(info.service, f"cluster {info.id} deleted in {took:.1f}s")

@@ -135,6 +135,7 @@ class ServiceState:
     # The revision an active cluster ran when it was found gone: brought back on a new
     # cluster unless a newer one goes live first. Cleared once a cluster is active again.
     restore: int | None = None
+    waiting: str = ""  # why the desired revision has not started yet, if it waits
 
     @property
     def phase(self) -> Phase:
@@ -441,6 +442,8 @@ def _start(
     new_id: str,
 ) -> None:
     s = b.state
+    if s.waiting:
+        b.set(waiting="")  # set again below while it still waits
     if s.pending is not None:
         return
     target = desired
@@ -469,7 +472,10 @@ def _start(
         return
     held = len(s.retiring) + (1 if s.active is not None else 0)
     if held >= MAX_CLUSTERS:
-        b.event(f"revision {target.number} waits for a retiring cluster to be deleted")
+        waiting = f"revision {target.number} waits for a retiring cluster to be deleted"
+        if s.waiting != waiting:  # said once, not every tick
+            b.event(waiting)
+        b.set(waiting=waiting)
         return
     if observed.cannot_create is not None:
         message = f"cannot create a cluster: {observed.cannot_create}"

@@ -110,6 +110,7 @@ def _from_json(text: str) -> ServiceState:
         deleting=raw["deleting"],
         unreachable=tuple(Unreachable(**u) for u in raw.get("unreachable", ())),
         restore=raw.get("restore"),
+        waiting=raw.get("waiting", ""),
     )
 
 

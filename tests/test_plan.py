@@ -196,6 +196,24 @@ def test_the_drain_never_cuts_a_request_the_gateway_would_still_wait_for() -> No
     assert [a.cluster for a in d.actions if isinstance(a, DeleteCluster)] == [old]
 
 
+def test_a_rollout_waiting_for_a_retiring_cluster_says_so_once() -> None:
+    """It said so every tick (60 events in 60 ticks, found by review), pushing everything
+    else out of the status's last events."""
+    w = World()
+    old, new = start_upgrade(w, make_spec(cpus=4, delay=120))
+    pass_gates(w, old, new)
+    w.push(make_spec(cpus=8))
+    said = []
+    for _ in range(60):
+        d = w.tick({old: UP_OK, new: UP_OK})
+        said += [e for e in d.events if "waits for a retiring cluster" in e]
+    assert said == ["revision 3 waits for a retiring cluster to be deleted"]
+    assert w.state.waiting == said[0]
+    d = w.tick({old: UP_OK, new: UP_OK}, dt=120)  # the delay passes: deleted, then it starts
+    w.tick({new: UP_OK})
+    assert w.state.pending is not None and w.state.waiting == ""
+
+
 def test_deletion_delay_is_respected() -> None:
     w = World()
     old, new = start_upgrade(w, make_spec(cpus=4, delay=60))
