@@ -55,7 +55,7 @@ from gateway.haproxy_config import (
     topology,
 )
 from gateway.haproxy_names import weight_commands
-from gateway.haproxy_process import Master, masters_of, names_config
+from gateway.haproxy_process import Master, is_ours, masters_of
 from gateway.metrics import Metrics
 from gateway.routes import Route, RouteTable
 
@@ -159,14 +159,15 @@ class HAProxyEngine:
     async def attach(self) -> bool:
         """Adopt a running master of ours, if there is one; True if adopted.
 
-        A candidate is ours when its command line names our config file; it is adopted
+        A candidate is ours when it is HAProxy running our config file (`is_ours`); it is adopted
         only if our master socket answers and names it as the master. Any other master of
         ours (a stale duplicate, or one whose socket is gone) is soft-stopped: never two.
         It keeps the config it has until the first `apply`, which reloads it (the table
         may have changed while no raygate ran), so stale routes vanish there.
         """
         config = self.settings.config_path
-        candidates = masters_of(config)
+        binary = self.settings.binary or haproxy_binary()
+        candidates = masters_of(config, binary)
         if not candidates:
             return False
         answering: int | None = None
@@ -180,10 +181,10 @@ class HAProxyEngine:
             except ProcessLookupError:
                 continue
             # Checked again once the pidfd is held: the pid cannot be reused under it now.
-            if adopted is None and pid == answering and names_config(pid, config):
+            if adopted is None and pid == answering and is_ours(pid, config, binary):
                 adopted = master
                 continue
-            if names_config(pid, config):
+            if is_ours(pid, config, binary):
                 log.warning("soft-stopping a stale haproxy master %s of %s", pid, config)
                 self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
             else:

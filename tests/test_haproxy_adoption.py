@@ -230,3 +230,30 @@ async def test_a_second_master_left_beside_ours_is_stopped(work_dir: Path) -> No
         finally:
             await engine.drain(10)
             second.wait(10)
+
+
+async def test_a_process_that_only_names_our_config_is_left_alone(work_dir: Path) -> None:
+    """An operator's `tail -f haproxy.cfg` (or a pager, an editor) names our config file
+    but is no HAProxy: neither an adoption nor `raygate down` (attach, then drain) may
+    take it for a stale master and signal it."""
+    settings = HAProxySettings(work_dir, port=free_port())
+    first = HAProxyEngine(settings)
+    await first.start()
+    await first.release(5)  # a kept HAProxy, for the next raygate to adopt
+    tail = background(["tail", "-f", str(settings.config_path)])
+    try:
+        engine = HAProxyEngine(settings)
+        assert await engine.attach(), "the kept master is adopted"  # what `raygate down` does
+        await engine.drain(10)
+        engine = HAProxyEngine(settings)
+        await engine.start()  # nothing to adopt now: a master is started
+        try:
+            assert haproxy_masters(settings.config_path) == [engine.pid]
+        finally:
+            await engine.drain(10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            tail.wait(1)  # a signal, had one been sent, has been delivered by now
+        assert tail.poll() is None, f"tail -f was signalled: {tail.returncode}"
+    finally:
+        tail.kill()
+        tail.wait()
