@@ -88,8 +88,12 @@ class Master:
 
     @classmethod
     def spawn(cls, argv: Sequence[str]) -> Master:
+        """HAProxy gets raygate's environment without raygate's own settings: a RAYGATE_*
+        variable may be a secret (RAYGATE_TOKEN), and HAProxy outlives raygate."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAYGATE_")}
         child = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # raygate decides when HAProxy stops, not a Ctrl-C
         )

@@ -24,7 +24,7 @@ from aiohttp import web
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine, haproxy_binary
 from gateway.routes import Backend
-from tests.haproxy_procs import haproxy_masters
+from tests.haproxy_procs import haproxy_masters, haproxy_processes
 from tests.harness import ROOT
 from tests.loopback import free_port, table, until
 
@@ -257,3 +257,25 @@ async def test_a_process_that_only_names_our_config_is_left_alone(work_dir: Path
     finally:
         tail.kill()
         tail.wait()
+
+
+async def test_haproxy_does_not_inherit_raygate_settings(
+    work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy outlives raygate: a RAYGATE_* variable (RAYGATE_TOKEN is a secret) must not
+    be in its master's or workers' environment; the rest of the environment is."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "s3cret")
+    monkeypatch.setenv("RAYGATE_OTHER", "x")
+    monkeypatch.setenv("NOT_RAYGATE", "kept")
+    engine = HAProxyEngine(HAProxySettings(work_dir, port=free_port()))
+    await engine.start()
+    try:
+        procs = haproxy_processes(work_dir / "haproxy.cfg")
+        assert engine.pid in procs and len(procs) >= 2, procs  # the master and a worker
+        for pid in procs:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
+            assert b"NOT_RAYGATE=kept" in environ, pid
+            leaked = [v for v in environ if v.startswith(b"RAYGATE_")]
+            assert not leaked, (pid, leaked)
+    finally:
+        await engine.drain(10)
