@@ -483,9 +483,12 @@ class HAProxyEngine:
     # ---- request log ----------------------------------------------------------------------
     async def _follow_logs(self) -> None:
         """A reader on every worker's request ring: the current worker's, opened again after
-        each reload or restart, and each old worker's until it has nothing left to log."""
+        each reload or restart, and each old worker's until it has nothing left to log.
+        Nothing else watches this task, so no error ends it (request metrics would stop for
+        good): a worker that closes the session mid-header (IncompleteReadError), or any
+        other surprise, costs one round."""
         while not self._stopping:
-            with contextlib.suppress(OSError, HAProxyError, ValueError, TimeoutError):
+            try:
                 current, old = await self.workers()
                 live = set(current + old)
                 self._retired &= live
@@ -498,6 +501,10 @@ class HAProxyEngine:
                         await self._open_reader()
                 for pid in set(self._lines_read) - live:
                     del self._lines_read[pid]
+            except (OSError, HAProxyError, ValueError, TimeoutError) as exc:
+                log.debug("following haproxy's request logs: %r", exc)  # a reload, a restart
+            except Exception:
+                log.exception("following haproxy's request logs failed; trying again")
             await asyncio.sleep(0.2)
 
     async def _has_no_connections(self, pid: int) -> bool:
