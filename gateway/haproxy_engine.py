@@ -126,6 +126,7 @@ class HAProxyEngine:
         self._routes: dict[str, Route] = {}  # backend name -> route
         self._master: Master | None = None
         self._stale: set[asyncio.Task[None]] = set()  # stale masters of ours, soft-stopping
+        self._unadopted: list[Master] = []  # stale masters to soft-stop (see `attach`)
         self._adopted_workers: set[int] = set()  # their rings were read by a raygate before
         self._supervisor: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -149,9 +150,16 @@ class HAProxyEngine:
         """Adopt the HAProxy a previous raygate left serving on this work dir, or start one."""
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         if not await self.attach():
+            # A master of ours that could not be adopted still serves the last table put in
+            # force (saved with it): the new master starts with that table, not an empty one
+            # (404s until the controller's first publish), and the stale one is soft-stopped
+            # only once the new one answers.
+            if self._table_path.exists():
+                self._take_over_table()
             self._write(self._table)
             self._topology = topology(self._table)
             await self._spawn()
+        self._stop_unadopted()
         self._supervisor = asyncio.create_task(self._supervise(), name="haproxy-supervisor")
         self._poller = asyncio.create_task(self._poll_metrics(), name="haproxy-metrics")
         self._logs = asyncio.create_task(self._follow_logs(), name="haproxy-request-log")
@@ -159,11 +167,13 @@ class HAProxyEngine:
     async def attach(self) -> bool:
         """Adopt a running master of ours, if there is one; True if adopted.
 
-        A candidate is ours when it is HAProxy running our config file (`is_ours`); it is adopted
-        only if our master socket answers and names it as the master. Any other master of
-        ours (a stale duplicate, or one whose socket is gone) is soft-stopped: never two.
-        It keeps the config it has until the first `apply`, which reloads it (the table
-        may have changed while no raygate ran), so stale routes vanish there.
+        A candidate is ours when it is HAProxy running our config file (`is_ours`); it is
+        adopted only if our master socket answers and names it as the master. Any other
+        master of ours (a stale duplicate, or one whose socket is gone) is soft-stopped:
+        never two. When none is adopted, that waits until `start` has a master serving in
+        its place (or until `close`, as `raygate down` does). The adopted one keeps the
+        config it has until the first `apply`, which reloads it (the table may have changed
+        while no raygate ran), so stale routes vanish there.
         """
         config = self.settings.config_path
         binary = self.settings.binary or haproxy_binary()
@@ -185,12 +195,12 @@ class HAProxyEngine:
                 adopted = master
                 continue
             if is_ours(pid, config, binary):
-                log.warning("soft-stopping a stale haproxy master %s of %s", pid, config)
-                self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
+                self._unadopted.append(master)
             else:
                 master.close()
         if adopted is None:
             return False
+        self._stop_unadopted()
         self._master = adopted
         self._topology = None  # the first apply reloads with the current table
         self._take_over_table()
@@ -198,6 +208,14 @@ class HAProxyEngine:
         self._adopted_workers = set(current + old)
         log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
         return True
+
+    def _stop_unadopted(self) -> None:
+        """Soft-stop the masters of ours that `attach` did not adopt (see there)."""
+        for master in self._unadopted:
+            log.warning("soft-stopping a stale haproxy master %s of %s", master.pid,
+                        self.settings.config_path)  # fmt: skip
+            self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
+        self._unadopted = []
 
     async def _spawn(self) -> None:
         s = self.settings
@@ -270,7 +288,8 @@ class HAProxyEngine:
             master.close()
 
     async def close(self) -> None:
-        if self._master is not None:
+        self._stop_unadopted()  # nothing was started in their place (`raygate down`)
+        if self._master is not None or self._stale:
             await self.drain(5)
 
     async def health(self) -> str | None:

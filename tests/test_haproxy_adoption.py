@@ -279,3 +279,34 @@ async def test_haproxy_does_not_inherit_raygate_settings(
             assert not leaked, (pid, leaked)
     finally:
         await engine.drain(10)
+
+
+async def test_a_master_that_cannot_be_adopted_is_replaced_without_a_gap(work_dir: Path) -> None:
+    """A kept master whose master socket is gone cannot be adopted: a new master replaces
+    it. The new one must start with the table the old one serves (saved with it), not an
+    empty one (404 until the controller's first publish), and the old one may only stop
+    once the new one answers. Under load, before any apply of the new engine."""
+    port = free_port()
+    settings = HAProxySettings(work_dir, port=port)
+    async with named_upstream("a") as a:
+        first = HAProxyEngine(settings)
+        await first.start()
+        await first.apply(table(Backend("a", a, 1)))
+        await first.release(5)
+        old = first.pid
+        settings.master_socket.unlink()  # a tmp cleaner, an operator: it cannot be adopted
+        traffic = Traffic(f"http://127.0.0.1:{port}/svc/x")
+        engine = HAProxyEngine(settings)
+        try:
+            seen = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > seen + 100, 10)
+            await engine.start()
+            assert engine.pid != old, "a new master, not the unadoptable one"
+            await until(lambda: haproxy_masters(settings.config_path) == [engine.pid], 20)
+            done = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > done + 100, 10)
+        finally:
+            await traffic.stop()
+            await engine.drain(10)
+        failures = traffic.failures("a")
+        assert not failures, (len(failures), len(traffic.outcomes), failures[:3])
