@@ -137,9 +137,11 @@ class HAProxyEngine:
         self._retired: set[int] = set()  # old workers whose reader finished: they are exiting
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
-        # Old worker pid -> the table in force in it when it was current (its config plus
-        # the weight changes it took): it keeps routing by that (see `routed`).
-        self._old_tables: dict[int, RouteTable] = {}
+        # Old worker pid -> the clusters it may still route to: those with weight in the
+        # table in force in it when it was current (its config plus the weight changes it
+        # took), which it keeps routing by (see `routed`); for an old worker found when the
+        # master was adopted, whose table is unknown, every cluster of the saved table.
+        self._old_routed: dict[int, set[str]] = {}
 
     @property
     def table(self) -> RouteTable:
@@ -206,6 +208,10 @@ class HAProxyEngine:
         self._take_over_table()
         current, old = await self.workers()
         self._adopted_workers = set(current + old)
+        # Old workers of the raygate before: what they route by is not known, so each is
+        # taken to route to every cluster of the saved table until it has no client left.
+        everything = {b.cluster for route in self._table.routes for b in route.backends}
+        self._old_routed.update(dict.fromkeys(old, everything))
         log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
         return True
 
@@ -324,7 +330,7 @@ class HAProxyEngine:
                 self._write(table)
                 retiring = await self._reload()
                 if retiring is not None:
-                    self._old_tables[retiring] = self._table
+                    self._old_routed[retiring] = self._table.routed()
                 self._topology = topo
             else:
                 line = "; ".join(weight_commands(table, since=self._table))
@@ -342,18 +348,24 @@ class HAProxyEngine:
         the switch took traffic from may still get a request from it."""
         out = self._table.routed()
         _current, old = await self.workers()
-        self._old_tables = {p: t for p, t in self._old_tables.items() if p in old}
-        for pid, table in self._old_tables.items():
-            if not table.routed() <= out and await self._has_clients(pid):
-                out |= table.routed()
+        self._old_routed = {p: c for p, c in self._old_routed.items() if p in old}
+        for pid, clusters in self._old_routed.items():
+            if not clusters <= out and await self._has_clients(pid):
+                out |= clusters
         return out
 
     async def _has_clients(self, pid: int) -> bool:
         """Does the old worker `pid` still hold a client connection (idle ones included)?
-        One that no longer answers is exiting: it takes no new request."""
+        When it does not say (no answer in time), it is taken to have one, unless it is
+        retired (it had no connection left, and an old worker accepts none) or gone: a
+        cluster is reported free only when it is known to be, and an old worker lives at
+        most until `hard-stop-after`."""
+        if pid in self._retired:
+            return False
         text = await self._old_worker(pid, "show stat -1 1 -1")  # frontends
         if text is None:
-            return False
+            _current, old = await self.workers()
+            return pid in old and pid not in self._retired
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
         return any(r.get("svname") == "FRONTEND" and int(r["scur"] or 0) > 0 for r in rows)
 

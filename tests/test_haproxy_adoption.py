@@ -26,7 +26,8 @@ from gateway.haproxy_engine import HAProxyEngine, haproxy_binary
 from gateway.routes import Backend
 from tests.haproxy_procs import haproxy_masters, haproxy_processes
 from tests.harness import ROOT
-from tests.loopback import free_port, table, until
+from tests.loopback import free_port, labelled_upstreams, table, until
+from tests.test_switch import http_get
 
 # The engine of a raygate that is about to die: started, one route applied, then it waits.
 CHILD = """
@@ -310,3 +311,37 @@ async def test_a_master_that_cannot_be_adopted_is_replaced_without_a_gap(work_di
             await engine.drain(10)
         failures = traffic.failures("a")
         assert not failures, (len(failures), len(traffic.outcomes), failures[:3])
+
+
+async def test_an_old_worker_found_at_adoption_keeps_its_clusters_routed(work_dir: Path) -> None:
+    """An old worker that already existed when the master was adopted answers one more
+    request on each idle kept-alive connection, by weights the adopting engine never saw.
+    Until that client is gone, the clusters it may route to (every cluster of the saved
+    table) must be reported routed, or the controller could delete one under that request."""
+    settings = HAProxySettings(work_dir, port=free_port())
+    first = HAProxyEngine(settings)
+    await first.start()
+    engine = HAProxyEngine(settings)
+    try:
+        async with labelled_upstreams("a", "b") as (a, b):
+            await first.apply(table(Backend("a", a.url, 1)))
+            kept = await asyncio.open_connection("127.0.0.1", settings.port)
+            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            await first.apply(table(Backend("a", a.url, 1), Backend("b", b.url, 0)))  # reload
+            await first.apply(table(Backend("a", a.url, 0), Backend("b", b.url, 1)))  # switch
+            master = first.pid
+            await first.release(5)  # raygate restarts; HAProxy is kept
+            await engine.start()
+            assert engine.pid == master, "adopted"
+            await engine.apply(table(Backend("a", a.url, 0), Backend("b", b.url, 1)))
+            await engine.apply(table(Backend("b", b.url, 1)))  # `a` retired: a reload
+            assert await engine.routed() == {"a", "b"}, "the idle client may still get `a`"
+            status, headers, body = await http_get(*kept, "/svc/x")
+            assert (status, body, headers.get("connection")) == (200, "a", "close")
+            kept[1].close()
+            deadline = asyncio.get_running_loop().time() + 10
+            while (routed := await engine.routed()) != {"b"}:
+                assert asyncio.get_running_loop().time() < deadline, routed
+                await asyncio.sleep(0.1)
+    finally:
+        await engine.drain(10)
