@@ -55,7 +55,7 @@ from gateway.haproxy_config import (
     topology,
 )
 from gateway.haproxy_names import weight_commands
-from gateway.haproxy_process import Master, masters_of, names_config
+from gateway.haproxy_process import Master, is_ours, masters_of
 from gateway.metrics import Metrics
 from gateway.routes import Route, RouteTable
 
@@ -126,6 +126,7 @@ class HAProxyEngine:
         self._routes: dict[str, Route] = {}  # backend name -> route
         self._master: Master | None = None
         self._stale: set[asyncio.Task[None]] = set()  # stale masters of ours, soft-stopping
+        self._unadopted: list[Master] = []  # stale masters to soft-stop (see `attach`)
         self._adopted_workers: set[int] = set()  # their rings were read by a raygate before
         self._supervisor: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -136,9 +137,11 @@ class HAProxyEngine:
         self._retired: set[int] = set()  # old workers whose reader finished: they are exiting
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
-        # Old worker pid -> the table in force in it when it was current (its config plus
-        # the weight changes it took): it keeps routing by that (see `routed`).
-        self._old_tables: dict[int, RouteTable] = {}
+        # Old worker pid -> the clusters it may still route to: those with weight in the
+        # table in force in it when it was current (its config plus the weight changes it
+        # took), which it keeps routing by (see `routed`); for an old worker found when the
+        # master was adopted, whose table is unknown, every cluster of the saved table.
+        self._old_routed: dict[int, set[str]] = {}
 
     @property
     def table(self) -> RouteTable:
@@ -149,9 +152,16 @@ class HAProxyEngine:
         """Adopt the HAProxy a previous raygate left serving on this work dir, or start one."""
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         if not await self.attach():
+            # A master of ours that could not be adopted still serves the last table put in
+            # force (saved with it): the new master starts with that table, not an empty one
+            # (404s until the controller's first publish), and the stale one is soft-stopped
+            # only once the new one answers.
+            if self._table_path.exists():
+                self._take_over_table()
             self._write(self._table)
             self._topology = topology(self._table)
             await self._spawn()
+        self._stop_unadopted()
         self._supervisor = asyncio.create_task(self._supervise(), name="haproxy-supervisor")
         self._poller = asyncio.create_task(self._poll_metrics(), name="haproxy-metrics")
         self._logs = asyncio.create_task(self._follow_logs(), name="haproxy-request-log")
@@ -159,14 +169,17 @@ class HAProxyEngine:
     async def attach(self) -> bool:
         """Adopt a running master of ours, if there is one; True if adopted.
 
-        A candidate is ours when its command line names our config file; it is adopted
-        only if our master socket answers and names it as the master. Any other master of
-        ours (a stale duplicate, or one whose socket is gone) is soft-stopped: never two.
-        It keeps the config it has until the first `apply`, which reloads it (the table
-        may have changed while no raygate ran), so stale routes vanish there.
+        A candidate is ours when it is HAProxy running our config file (`is_ours`); it is
+        adopted only if our master socket answers and names it as the master. Any other
+        master of ours (a stale duplicate, or one whose socket is gone) is soft-stopped:
+        never two. When none is adopted, that waits until `start` has a master serving in
+        its place (or until `close`, as `raygate down` does). The adopted one keeps the
+        config it has until the first `apply`, which reloads it (the table may have changed
+        while no raygate ran), so stale routes vanish there.
         """
         config = self.settings.config_path
-        candidates = masters_of(config)
+        binary = self.settings.binary or haproxy_binary()
+        candidates = masters_of(config, binary)
         if not candidates:
             return False
         answering: int | None = None
@@ -180,23 +193,35 @@ class HAProxyEngine:
             except ProcessLookupError:
                 continue
             # Checked again once the pidfd is held: the pid cannot be reused under it now.
-            if adopted is None and pid == answering and names_config(pid, config):
+            if adopted is None and pid == answering and is_ours(pid, config, binary):
                 adopted = master
                 continue
-            if names_config(pid, config):
-                log.warning("soft-stopping a stale haproxy master %s of %s", pid, config)
-                self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
+            if is_ours(pid, config, binary):
+                self._unadopted.append(master)
             else:
                 master.close()
         if adopted is None:
             return False
+        self._stop_unadopted()
         self._master = adopted
         self._topology = None  # the first apply reloads with the current table
         self._take_over_table()
         current, old = await self.workers()
         self._adopted_workers = set(current + old)
+        # Old workers of the raygate before: what they route by is not known, so each is
+        # taken to route to every cluster of the saved table until it has no client left.
+        everything = {b.cluster for route in self._table.routes for b in route.backends}
+        self._old_routed.update(dict.fromkeys(old, everything))
         log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
         return True
+
+    def _stop_unadopted(self) -> None:
+        """Soft-stop the masters of ours that `attach` did not adopt (see there)."""
+        for master in self._unadopted:
+            log.warning("soft-stopping a stale haproxy master %s of %s", master.pid,
+                        self.settings.config_path)  # fmt: skip
+            self._stale.add(asyncio.create_task(master.stop(OLD_MASTER_GRACE_S)))
+        self._unadopted = []
 
     async def _spawn(self) -> None:
         s = self.settings
@@ -269,7 +294,8 @@ class HAProxyEngine:
             master.close()
 
     async def close(self) -> None:
-        if self._master is not None:
+        self._stop_unadopted()  # nothing was started in their place (`raygate down`)
+        if self._master is not None or self._stale:
             await self.drain(5)
 
     async def health(self) -> str | None:
@@ -304,7 +330,7 @@ class HAProxyEngine:
                 self._write(table)
                 retiring = await self._reload()
                 if retiring is not None:
-                    self._old_tables[retiring] = self._table
+                    self._old_routed[retiring] = self._table.routed()
                 self._topology = topo
             else:
                 line = "; ".join(weight_commands(table, since=self._table))
@@ -322,18 +348,24 @@ class HAProxyEngine:
         the switch took traffic from may still get a request from it."""
         out = self._table.routed()
         _current, old = await self.workers()
-        self._old_tables = {p: t for p, t in self._old_tables.items() if p in old}
-        for pid, table in self._old_tables.items():
-            if not table.routed() <= out and await self._has_clients(pid):
-                out |= table.routed()
+        self._old_routed = {p: c for p, c in self._old_routed.items() if p in old}
+        for pid, clusters in self._old_routed.items():
+            if not clusters <= out and await self._has_clients(pid):
+                out |= clusters
         return out
 
     async def _has_clients(self, pid: int) -> bool:
         """Does the old worker `pid` still hold a client connection (idle ones included)?
-        One that no longer answers is exiting: it takes no new request."""
+        When it does not say (no answer in time), it is taken to have one, unless it is
+        retired (it had no connection left, and an old worker accepts none) or gone: a
+        cluster is reported free only when it is known to be, and an old worker lives at
+        most until `hard-stop-after`."""
+        if pid in self._retired:
+            return False
         text = await self._old_worker(pid, "show stat -1 1 -1")  # frontends
         if text is None:
-            return False
+            _current, old = await self.workers()
+            return pid in old and pid not in self._retired
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
         return any(r.get("svname") == "FRONTEND" and int(r["scur"] or 0) > 0 for r in rows)
 
@@ -482,9 +514,12 @@ class HAProxyEngine:
     # ---- request log ----------------------------------------------------------------------
     async def _follow_logs(self) -> None:
         """A reader on every worker's request ring: the current worker's, opened again after
-        each reload or restart, and each old worker's until it has nothing left to log."""
+        each reload or restart, and each old worker's until it has nothing left to log.
+        Nothing else watches this task, so no error ends it (request metrics would stop for
+        good): a worker that closes the session mid-header (IncompleteReadError), or any
+        other surprise, costs one round."""
         while not self._stopping:
-            with contextlib.suppress(OSError, HAProxyError, ValueError, TimeoutError):
+            try:
                 current, old = await self.workers()
                 live = set(current + old)
                 self._retired &= live
@@ -497,6 +532,10 @@ class HAProxyEngine:
                         await self._open_reader()
                 for pid in set(self._lines_read) - live:
                     del self._lines_read[pid]
+            except (OSError, HAProxyError, ValueError, TimeoutError) as exc:
+                log.debug("following haproxy's request logs: %r", exc)  # a reload, a restart
+            except Exception:
+                log.exception("following haproxy's request logs failed; trying again")
             await asyncio.sleep(0.2)
 
     async def _has_no_connections(self, pid: int) -> bool:

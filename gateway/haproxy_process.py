@@ -8,14 +8,18 @@ whether raygate started it or adopted it, and it is started with `subprocess.Pop
 asyncio subprocess: an asyncio subprocess transport kills its child when it is closed, which
 would take HAProxy down with the event loop.
 
-A process is ours when its command line names our config file (a path inside our state dir):
-that is how leftovers are found, and why a pid file naming someone else's process is ignored.
+A process is ours when it runs the HAProxy binary (/proc/<pid>/exe) with our config file (a
+path inside our state dir) as the argument of `-f`: that is how leftovers are found, and why a
+pid file naming someone else's process is ignored. Naming the file is not enough: an
+operator's `tail -f .../haproxy.cfg`, a pager or an editor names it too, and must never be
+taken for a stale master and signalled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -24,31 +28,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def processes_of(config_path: Path) -> dict[int, int]:
-    """pid -> parent pid of every live process whose command line names `config_path`."""
-    needle = str(config_path).encode()
+def processes_of(config_path: Path, binary: str | None = None) -> dict[int, int]:
+    """pid -> parent pid of every live HAProxy process of `config_path` (see `is_ours`)."""
     found: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or not is_ours(int(entry), config_path, binary):
             continue
         try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and needle in args:
+        if fields[0] != "Z":
             found[int(entry)] = int(fields[1])
     return found
 
 
-def masters_of(config_path: Path) -> list[int]:
+def masters_of(config_path: Path, binary: str | None = None) -> list[int]:
     """Masters among them: workers are their master's children, a master's parent is not
-    one of ours. The pid file adds its pid if that process names our config too (it may
-    have been re-executed by a reload while this scan ran)."""
-    procs = processes_of(config_path)
+    one of ours. The pid file adds its pid if that process is ours too (it may have been
+    re-executed by a reload while this scan ran)."""
+    procs = processes_of(config_path, binary)
     found = {pid for pid, parent in procs.items() if parent not in procs}
     pid = read_pid(config_path.parent / "haproxy.pid")
-    if pid is not None and names_config(pid, config_path):
+    if pid is not None and is_ours(pid, config_path, binary):
         found.add(pid)
     return sorted(found)
 
@@ -61,12 +63,18 @@ def read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def names_config(pid: int, config_path: Path) -> bool:
+def is_ours(pid: int, config_path: Path, binary: str | None = None) -> bool:
+    """Process `pid` runs HAProxy (its executable is `binary`, or is named haproxy: the
+    file may have been replaced by an upgrade since it started) with `-f config_path`."""
     try:
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return str(config_path).encode() in args
+    if Path(exe).name != "haproxy" and (binary is None or exe != os.path.realpath(binary)):
+        return False
+    wanted = str(config_path).encode()
+    return any(a == b"-f" and b == wanted for a, b in itertools.pairwise(args))
 
 
 class Master:
@@ -80,8 +88,12 @@ class Master:
 
     @classmethod
     def spawn(cls, argv: Sequence[str]) -> Master:
+        """HAProxy gets raygate's environment without raygate's own settings: a RAYGATE_*
+        variable may be a secret (RAYGATE_TOKEN), and HAProxy outlives raygate."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAYGATE_")}
         child = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # raygate decides when HAProxy stops, not a Ctrl-C
         )

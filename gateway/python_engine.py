@@ -273,46 +273,56 @@ class PythonGateway:
         limit = self.settings.limits.max_body_bytes
         if content_length is not None and content_length > limit:
             raise _Rejected(413, f"request body over {limit} bytes")
-        body: bytes | _StreamedBody
-        if content_length is not None and content_length <= REPLAYABLE_BODY_BYTES:
-            body = await _read_body(receive, limit)
-        else:
-            body = _StreamedBody(receive, limit)
+        # In flight on its cluster from the moment it is routed, not once its body is in: the
+        # controller deletes a cluster once nothing routes to it and nothing is in flight on
+        # it, and a slow client may still be uploading while a switch takes the cluster out.
+        self._enter(route.service, backend.cluster)
+        try:
+            body: bytes | _StreamedBody
+            if content_length is not None and content_length <= REPLAYABLE_BODY_BYTES:
+                body = await _read_body(receive, limit)
+            else:
+                body = _StreamedBody(receive, limit)
 
-        upstream_headers = _upstream_headers(scope, headers)
-        target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
+            upstream_headers = _upstream_headers(scope, headers)
+            target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+            if scope.get("query_string"):
+                target += "?" + scope["query_string"].decode("latin-1")
 
-        tried: list[str] = []
-        started = time.perf_counter()
-        while True:
-            self._enter(route.service, backend.cluster)
-            try:
+            tried: list[str] = []
+            started = time.perf_counter()
+            while True:
                 outcome = await self._attempt(
                     scope, receive, send, route, backend, target, upstream_headers, body, request_id
                 )
-            finally:
+                if outcome is None:
+                    return
+                status, message, kind, retryable = outcome
+                self.metrics.upstream_error(route.service, backend.cluster, kind)
+                tried.append(backend.cluster)
+                replayable = isinstance(body, bytes) or not body.consumed
+                # From the table in force now: the route the request arrived with may be
+                # stale (a switch while its body was read), its other cluster deleted since.
+                now = self._table.match(scope["path"])
+                nxt = None
+                if now is not None and retryable and replayable and len(tried) < 2:
+                    nxt = now.pick(exclude=tried)
+                if now is None or nxt is None:
+                    self.metrics.observe_request(
+                        route.service,
+                        route.app,
+                        backend.cluster,
+                        status,
+                        None,
+                        time.perf_counter() - started,
+                    )
+                    raise _Rejected(status, message, backend.cluster)
+                log.info("retrying %s on %s after: %s", request_id, nxt.cluster, message)
+                self._enter(now.service, nxt.cluster)  # before the leave: never idle between
                 self._leave(route.service, backend.cluster)
-            if outcome is None:
-                return
-            status, message, kind, retryable = outcome
-            self.metrics.upstream_error(route.service, backend.cluster, kind)
-            tried.append(backend.cluster)
-            replayable = isinstance(body, bytes) or not body.consumed
-            nxt = route.pick(exclude=tried) if retryable and replayable and len(tried) < 2 else None
-            if nxt is None:
-                self.metrics.observe_request(
-                    route.service,
-                    route.app,
-                    backend.cluster,
-                    status,
-                    None,
-                    time.perf_counter() - started,
-                )
-                raise _Rejected(status, message, backend.cluster)
-            log.info("retrying %s on %s after: %s", request_id, nxt.cluster, message)
-            backend = nxt
+                route, backend = now, nxt
+        finally:
+            self._leave(route.service, backend.cluster)
 
     async def _attempt(
         self,

@@ -165,6 +165,65 @@ async def test_haproxy_counts_what_the_old_worker_answers_after_a_reload(
         await hx.drain(10)
 
 
+async def test_haproxy_request_metrics_survive_a_log_session_cut_mid_header(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """The engine follows each worker's request log through a runtime API session that
+    starts with `show info` up to a blank line. A session closed before that line (EOF
+    mid-header, asyncio.IncompleteReadError) used to end the follow loop, which nothing
+    watches: request metrics stopped for good. Here the admin socket is, across a reload,
+    a socket that sends half a header and closes; then the real one is back."""
+    registry = CollectorRegistry()
+    port = free_port()
+    hx = HAProxyEngine(HAProxySettings(tmp_path / "hx", port=port), Metrics(registry))
+    admin = hx.settings.admin_socket
+    cut = 0
+
+    async def half_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal cut
+        # Read the command: unread, the close would be a reset (OSError), not an EOF.
+        if b"show events" in await reader.readline():  # not the stats poller's `show stat`
+            cut += 1
+        writer.write(b"Name: HAProxy\nPid: 1")
+        await writer.drain()
+        writer.close()
+
+    labels = {"service": "svc", "app": "app", "cluster": "c1", "code": "200"}
+
+    def counted() -> float | None:
+        return registry.get_sample_value("raygate_requests_total", labels)
+
+    await hx.start()
+    try:
+        await hx.apply(table(Backend("c1", upstream.url, 1)))
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
+        ) as client:
+            assert (await client.get("/svc/a")).status_code == 200
+            await until(lambda: counted() == 1)  # the first worker's log is followed
+            os.rename(admin, admin.with_name("admin.real"))
+            server = await asyncio.start_unix_server(half_header, str(admin))
+            try:
+                # A reload: the new worker's log needs a session, and gets a cut one.
+                two = (Backend("c1", upstream.url, 1), Backend("c2", upstream.url, 0))
+                await hx.apply(table(*two))
+                await until(lambda: cut >= 1)
+            finally:
+                server.close()
+                await server.wait_closed()
+                os.replace(admin.with_name("admin.real"), admin)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False
+        ) as client:  # a new connection: the new worker
+            for _ in range(5):
+                assert (await client.get("/svc/a")).status_code == 200
+        with contextlib.suppress(AssertionError):
+            await until(lambda: counted() == 6)
+        assert counted() == 6
+    finally:
+        await hx.drain(10)
+
+
 async def test_in_flight_gauge_counts_an_open_stream(
     metered: tuple[Gate, CollectorRegistry], upstream: Upstream
 ) -> None:

@@ -24,9 +24,10 @@ from aiohttp import web
 from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine, haproxy_binary
 from gateway.routes import Backend
-from tests.haproxy_procs import haproxy_masters
+from tests.haproxy_procs import haproxy_masters, haproxy_processes
 from tests.harness import ROOT
-from tests.loopback import free_port, table, until
+from tests.loopback import free_port, labelled_upstreams, table, until
+from tests.test_switch import http_get
 
 # The engine of a raygate that is about to die: started, one route applied, then it waits.
 CHILD = """
@@ -230,3 +231,117 @@ async def test_a_second_master_left_beside_ours_is_stopped(work_dir: Path) -> No
         finally:
             await engine.drain(10)
             second.wait(10)
+
+
+async def test_a_process_that_only_names_our_config_is_left_alone(work_dir: Path) -> None:
+    """An operator's `tail -f haproxy.cfg` (or a pager, an editor) names our config file
+    but is no HAProxy: neither an adoption nor `raygate down` (attach, then drain) may
+    take it for a stale master and signal it."""
+    settings = HAProxySettings(work_dir, port=free_port())
+    first = HAProxyEngine(settings)
+    await first.start()
+    await first.release(5)  # a kept HAProxy, for the next raygate to adopt
+    tail = background(["tail", "-f", str(settings.config_path)])
+    try:
+        engine = HAProxyEngine(settings)
+        assert await engine.attach(), "the kept master is adopted"  # what `raygate down` does
+        await engine.drain(10)
+        engine = HAProxyEngine(settings)
+        await engine.start()  # nothing to adopt now: a master is started
+        try:
+            assert haproxy_masters(settings.config_path) == [engine.pid]
+        finally:
+            await engine.drain(10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            tail.wait(1)  # a signal, had one been sent, has been delivered by now
+        assert tail.poll() is None, f"tail -f was signalled: {tail.returncode}"
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+async def test_haproxy_does_not_inherit_raygate_settings(
+    work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy outlives raygate: a RAYGATE_* variable (RAYGATE_TOKEN is a secret) must not
+    be in its master's or workers' environment; the rest of the environment is."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "s3cret")
+    monkeypatch.setenv("RAYGATE_OTHER", "x")
+    monkeypatch.setenv("NOT_RAYGATE", "kept")
+    engine = HAProxyEngine(HAProxySettings(work_dir, port=free_port()))
+    await engine.start()
+    try:
+        procs = haproxy_processes(work_dir / "haproxy.cfg")
+        assert engine.pid in procs and len(procs) >= 2, procs  # the master and a worker
+        for pid in procs:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")  # noqa: ASYNC240
+            assert b"NOT_RAYGATE=kept" in environ, pid
+            leaked = [v for v in environ if v.startswith(b"RAYGATE_")]
+            assert not leaked, (pid, leaked)
+    finally:
+        await engine.drain(10)
+
+
+async def test_a_master_that_cannot_be_adopted_is_replaced_without_a_gap(work_dir: Path) -> None:
+    """A kept master whose master socket is gone cannot be adopted: a new master replaces
+    it. The new one must start with the table the old one serves (saved with it), not an
+    empty one (404 until the controller's first publish), and the old one may only stop
+    once the new one answers. Under load, before any apply of the new engine."""
+    port = free_port()
+    settings = HAProxySettings(work_dir, port=port)
+    async with named_upstream("a") as a:
+        first = HAProxyEngine(settings)
+        await first.start()
+        await first.apply(table(Backend("a", a, 1)))
+        await first.release(5)
+        old = first.pid
+        settings.master_socket.unlink()  # a tmp cleaner, an operator: it cannot be adopted
+        traffic = Traffic(f"http://127.0.0.1:{port}/svc/x")
+        engine = HAProxyEngine(settings)
+        try:
+            seen = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > seen + 100, 10)
+            await engine.start()
+            assert engine.pid != old, "a new master, not the unadoptable one"
+            await until(lambda: haproxy_masters(settings.config_path) == [engine.pid], 20)
+            done = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > done + 100, 10)
+        finally:
+            await traffic.stop()
+            await engine.drain(10)
+        failures = traffic.failures("a")
+        assert not failures, (len(failures), len(traffic.outcomes), failures[:3])
+
+
+async def test_an_old_worker_found_at_adoption_keeps_its_clusters_routed(work_dir: Path) -> None:
+    """An old worker that already existed when the master was adopted answers one more
+    request on each idle kept-alive connection, by weights the adopting engine never saw.
+    Until that client is gone, the clusters it may route to (every cluster of the saved
+    table) must be reported routed, or the controller could delete one under that request."""
+    settings = HAProxySettings(work_dir, port=free_port())
+    first = HAProxyEngine(settings)
+    await first.start()
+    engine = HAProxyEngine(settings)
+    try:
+        async with labelled_upstreams("a", "b") as (a, b):
+            await first.apply(table(Backend("a", a.url, 1)))
+            kept = await asyncio.open_connection("127.0.0.1", settings.port)
+            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            await first.apply(table(Backend("a", a.url, 1), Backend("b", b.url, 0)))  # reload
+            await first.apply(table(Backend("a", a.url, 0), Backend("b", b.url, 1)))  # switch
+            master = first.pid
+            await first.release(5)  # raygate restarts; HAProxy is kept
+            await engine.start()
+            assert engine.pid == master, "adopted"
+            await engine.apply(table(Backend("a", a.url, 0), Backend("b", b.url, 1)))
+            await engine.apply(table(Backend("b", b.url, 1)))  # `a` retired: a reload
+            assert await engine.routed() == {"a", "b"}, "the idle client may still get `a`"
+            status, headers, body = await http_get(*kept, "/svc/x")
+            assert (status, body, headers.get("connection")) == (200, "a", "close")
+            kept[1].close()
+            deadline = asyncio.get_running_loop().time() + 10
+            while (routed := await engine.routed()) != {"b"}:
+                assert asyncio.get_running_loop().time() < deadline, routed
+                await asyncio.sleep(0.1)
+    finally:
+        await engine.drain(10)

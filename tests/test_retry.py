@@ -12,9 +12,18 @@ import struct
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from gateway.routes import Backend
-from tests.loopback import Gate, free_port, labelled_upstreams, table
+from tests.loopback import (
+    Gate,
+    flights,
+    free_port,
+    labelled_upstreams,
+    python_gate,
+    table,
+    until_flights,
+)
 
 REQUESTS = 40
 
@@ -78,3 +87,44 @@ async def test_a_refused_connection_is_retried_on_another_cluster(
             for _ in range(REQUESTS)
         ]
     assert codes == [200] * REQUESTS and good.hits == REQUESTS
+
+
+async def test_a_slow_upload_is_in_flight_from_routing_and_retried_by_the_current_table() -> None:
+    """Python engine. A request is routed when its head arrives, but a small body is read
+    whole before it goes upstream. It must count as in flight on its cluster from the
+    routing on (the controller deletes a drained cluster: one with nothing in flight), and
+    if its cluster refuses the connection by the time the body is in, the retry must pick
+    from the table in force then, not from the route of its arrival (where the cluster it
+    should go to had weight 0)."""
+    async with python_gate() as gate, labelled_upstreams("b") as (b,):
+
+        async def answer_a(_request: web.Request) -> web.Response:
+            return web.Response(text="a")
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer_a)
+        a = web.AppRunner(app, access_log=None)
+        await a.setup()
+        a_url = f"http://127.0.0.1:{free_port()}"
+        await web.TCPSite(a, "127.0.0.1", int(a_url.rsplit(":", 1)[1])).start()
+        await gate.engine.apply(table(Backend("a", a_url, 1), Backend("b", b.url, 0)))
+        port = int(gate.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /svc/x HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello")
+            await writer.drain()
+            await until_flights(gate, {"a": 1})  # routed to `a`, half its body still to come
+            await gate.engine.apply(table(Backend("a", a_url, 0), Backend("b", b.url, 1)))
+            assert await flights(gate) == {"a": 1}, "a request routed to `a` is still on it"
+            await a.cleanup()  # `a` is gone (deleted, or died): it refuses connections
+            await gate.engine.apply(table(Backend("b", b.url, 1)))
+            writer.write(b"world")
+            await writer.drain()
+            async with asyncio.timeout(10):
+                answer = (await reader.read(4096)).decode(errors="replace")
+        finally:
+            writer.close()
+            await a.cleanup()
+        assert answer.startswith("HTTP/1.1 200") and answer.endswith("b"), answer
+        assert b.hits == 1
+        await until_flights(gate, {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -194,3 +195,43 @@ async def test_a_cluster_an_old_worker_still_routes_to_is_never_reported_free(
     finally:
         await engine.drain(5)
         await engine.close()
+
+
+async def test_an_old_worker_that_does_not_answer_is_taken_to_have_clients(
+    tmp_path: Path,
+) -> None:
+    """Whether an old worker still has a client is asked through the master CLI, with a
+    short timeout. A worker that does not answer in time (here: SIGSTOPped while it holds
+    an idle kept-alive client) must count as having one, not as free: once it runs again
+    it answers that client by its old weights, from `a`."""
+    engine = HAProxyEngine(HAProxySettings(tmp_path / "hx", port=free_port()))
+    await engine.start()
+    try:
+        async with labelled_upstreams("a", "b") as (a, b):
+
+            def svc(wa: int, wb: int | None) -> RouteTable:
+                ups = [(a, wa), (b, wb)]
+                backends = tuple(Backend(u.label, u.url, w) for u, w in ups if w is not None)
+                return RouteTable((Route("/svc", "svc", "app", backends),))
+
+            await engine.apply(svc(1, None))
+            kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
+            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            (old,), _ = await engine.workers()  # the worker holding that client
+            await engine.apply(svc(1, 0))  # a reload: it is an old one now
+            await engine.apply(svc(0, 1))
+            assert old in (await engine.workers())[1]
+            os.kill(old, signal.SIGSTOP)
+            try:
+                assert await engine.routed() == {"a", "b"}
+            finally:
+                os.kill(old, signal.SIGCONT)
+            status, headers, body = await http_get(*kept, "/svc/x")
+            assert (status, body, headers.get("connection")) == (200, "a", "close")
+            kept[1].close()
+            deadline = time.monotonic() + 10
+            while (routed := await engine.routed()) != {"b"}:
+                assert time.monotonic() < deadline, routed
+                await asyncio.sleep(0.1)
+    finally:
+        await engine.drain(5)
