@@ -156,7 +156,7 @@ class HAProxyEngine:
             # force (saved with it): the new master starts with that table, not an empty one
             # (404s until the controller's first publish), and the stale one is soft-stopped
             # only once the new one answers.
-            if self._table_path.exists():
+            if self._unadopted and self._table_path.exists():
                 self._take_over_table()
             self._write(self._table)
             self._topology = topology(self._table)
