@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -159,6 +160,35 @@ async def test_haproxy_names_follow_their_cluster_across_a_reordering_reload(
         await engine.drain(10)
 
 
+def a_then_b(a: Labelled, b: Labelled) -> Callable[[int, int | None], RouteTable]:
+    """Route /svc to `a` and `b` with the given weights (None: `b` not in the table)."""
+
+    def svc(wa: int, wb: int | None) -> RouteTable:
+        ups = [(a, wa), (b, wb)]
+        backends = tuple(Backend(u.label, u.url, w) for u, w in ups if w is not None)
+        return RouteTable((Route("/svc", "svc", "app", backends),))
+
+    return svc
+
+
+async def idle_client_on_a(
+    engine: HAProxyEngine, svc: Callable[[int, int | None], RouteTable]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Only `a` routed, and a client that got an answer from it and keeps its connection."""
+    await engine.apply(svc(1, None))
+    kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
+    assert (await http_get(*kept, "/svc/x"))[2] == "a"
+    return kept
+
+
+async def until_routed(engine: HAProxyEngine, expected: set[str]) -> None:
+    """Poll HAProxy (no event to await) until `routed()` is `expected`, for 10 s at most."""
+    deadline = time.monotonic() + 10
+    while (routed := await engine.routed()) != expected:
+        assert time.monotonic() < deadline, routed
+        await asyncio.sleep(0.1)
+
+
 async def test_a_cluster_an_old_worker_still_routes_to_is_never_reported_free(
     tmp_path: Path,
 ) -> None:
@@ -172,15 +202,8 @@ async def test_a_cluster_an_old_worker_still_routes_to_is_never_reported_free(
     await engine.start()
     try:
         async with labelled_upstreams("a", "b") as (a, b):
-
-            def svc(wa: int, wb: int | None) -> RouteTable:
-                ups = [(a, wa), (b, wb)]
-                backends = tuple(Backend(u.label, u.url, w) for u, w in ups if w is not None)
-                return RouteTable((Route("/svc", "svc", "app", backends),))
-
-            await engine.apply(svc(1, None))
-            kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
-            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            svc = a_then_b(a, b)
+            kept = await idle_client_on_a(engine, svc)
             await engine.apply(svc(1, 0))  # the new cluster joins at weight 0: a reload
             await engine.apply(svc(0, 1))  # the switch, taken by the new worker only
             assert engine.table.routed() == {"b"}, "the table alone says a is free"
@@ -188,10 +211,7 @@ async def test_a_cluster_an_old_worker_still_routes_to_is_never_reported_free(
             status, headers, body = await http_get(*kept, "/svc/x")
             assert (status, body, headers.get("connection")) == (200, "a", "close")
             kept[1].close()
-            deadline = time.monotonic() + 10  # the old worker sees the connection close
-            while (routed := await engine.routed()) != {"b"} and time.monotonic() < deadline:  # noqa: ASYNC110 - HAProxy state: no event to await
-                await asyncio.sleep(0.1)
-            assert routed == {"b"}
+            await until_routed(engine, {"b"})  # the old worker sees the connection close
     finally:
         await engine.drain(5)
         await engine.close()
@@ -208,15 +228,8 @@ async def test_an_old_worker_that_does_not_answer_is_taken_to_have_clients(
     await engine.start()
     try:
         async with labelled_upstreams("a", "b") as (a, b):
-
-            def svc(wa: int, wb: int | None) -> RouteTable:
-                ups = [(a, wa), (b, wb)]
-                backends = tuple(Backend(u.label, u.url, w) for u, w in ups if w is not None)
-                return RouteTable((Route("/svc", "svc", "app", backends),))
-
-            await engine.apply(svc(1, None))
-            kept = await asyncio.open_connection("127.0.0.1", engine.settings.port)
-            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            svc = a_then_b(a, b)
+            kept = await idle_client_on_a(engine, svc)
             (old,), _ = await engine.workers()  # the worker holding that client
             await engine.apply(svc(1, 0))  # a reload: it is an old one now
             await engine.apply(svc(0, 1))
@@ -229,9 +242,6 @@ async def test_an_old_worker_that_does_not_answer_is_taken_to_have_clients(
             status, headers, body = await http_get(*kept, "/svc/x")
             assert (status, body, headers.get("connection")) == (200, "a", "close")
             kept[1].close()
-            deadline = time.monotonic() + 10
-            while (routed := await engine.routed()) != {"b"}:
-                assert time.monotonic() < deadline, routed
-                await asyncio.sleep(0.1)
+            await until_routed(engine, {"b"})
     finally:
         await engine.drain(5)
