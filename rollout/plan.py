@@ -136,6 +136,7 @@ class ServiceState:
     # cluster unless a newer one goes live first. Cleared once a cluster is active again.
     restore: int | None = None
     waiting: str = ""  # why the desired revision has not started yet, if it waits
+    failed_up_to: int = 0  # the newest revision whose rollout was aborted
 
     @property
     def phase(self) -> Phase:
@@ -253,6 +254,10 @@ class _Builder:
         record = RolloutRecord(revision, result, message)
         self.finished.append(record)
         self.set(last_rollout=record)
+        if result is Result.ABORTED:
+            self.set(failed_up_to=max(self.state.failed_up_to, revision))
+            if self.state.restore == revision:  # a restore is tried once, not in a loop
+                self.set(restore=None)
 
     def decision(self, gone: bool = False) -> Decision:
         return Decision(
@@ -288,9 +293,11 @@ def plan(
 
 
 def _failed(state: ServiceState, revision: int) -> bool:
-    """The last rollout of `revision` was aborted: it is not tried again until pushed anew."""
+    """A rollout of `revision` (the newest push) was aborted: it is not tried again until
+    something newer is pushed, whatever rollouts (a restore) ended since."""
     last = state.last_rollout
-    return last is not None and last.revision == revision and last.result is Result.ABORTED
+    aborted_last = last is not None and last.revision == revision and last.result is Result.ABORTED
+    return aborted_last or revision <= state.failed_up_to
 
 
 def _track_reachability(b: _Builder, observed: Observation, now: float) -> None:

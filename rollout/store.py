@@ -111,6 +111,7 @@ def _from_json(text: str) -> ServiceState:
         unreachable=tuple(Unreachable(**u) for u in raw.get("unreachable", ())),
         restore=raw.get("restore"),
         waiting=raw.get("waiting", ""),
+        failed_up_to=raw.get("failed_up_to", 0),
     )
 
 

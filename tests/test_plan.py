@@ -408,6 +408,54 @@ def test_a_gone_active_cluster_comes_back_after_the_rollout_under_way_aborts() -
     assert w.state.restore is None
 
 
+def fail_gates(w: World, cluster: str) -> None:
+    w.tick({cluster: ClusterObservation(Liveness.UP)})
+    w.tick({cluster: ClusterObservation(Liveness.UP, Health.FAILED, "boom")})
+
+
+def creates(w: World) -> list[int]:
+    return [a.revision for d in w.log for a in d.actions if isinstance(a, CreateCluster)]
+
+
+def test_a_restore_that_fails_is_tried_once_not_in_a_loop() -> None:
+    """Found by the second review: 13 clusters created in 40 ticks, without end."""
+    w = World()
+    old = go_live(w, make_spec())
+    w.tick({old: ClusterObservation(Liveness.DEAD)})
+    fail_gates(w, w.state.pending.cluster if w.state.pending else "")
+    before = len(creates(w))
+    for _ in range(40):
+        w.tick({})
+    assert len(creates(w)) == before and w.state.phase is Phase.FAILED
+    assert w.state.restore is None
+
+
+def test_an_aborted_revision_is_not_rolled_again_after_a_restore() -> None:
+    """Revision 2 aborted while the active cluster (revision 1) was found gone: revision 1
+    comes back once, and revision 2 is not tried again until something newer is pushed
+    (it alternated 1, 2, 1, 2 ... and re-rolled 2 right after a successful restore)."""
+    w = World()
+    old = go_live(w, make_spec())
+    w.push(make_spec(cpus=4))
+    w.tick({old: UP_OK})
+    new = w.state.pending.cluster if w.state.pending else ""
+    w.tick({old: ClusterObservation(Liveness.DEAD), new: ClusterObservation(Liveness.UP)})
+    w.tick({new: ClusterObservation(Liveness.UP, Health.FAILED, "boom")})
+    w.tick({})
+    back = w.state.pending.cluster if w.state.pending else ""
+    w.tick({back: ClusterObservation(Liveness.UP)})
+    w.tick({back: UP_OK})
+    w.tick({back: UP_OK})
+    assert w.state.active is not None and w.state.active.revision == 1
+    n = len(creates(w))
+    for _ in range(20):
+        w.tick({back: UP_OK})
+    assert len(creates(w)) == n, "the aborted revision 2 was rolled out again"
+    w.push(make_spec(cpus=8))  # something newer: tried
+    d = w.tick({back: UP_OK})
+    assert any(isinstance(a, CreateCluster) and a.revision == 3 for a in d.actions)
+
+
 def test_pending_cluster_whose_dashboard_stalls_keeps_waiting_until_its_timeout() -> None:
     w = World()
     old, new = start_upgrade(w, make_spec(cpus=4, timeout=100))
