@@ -134,7 +134,13 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---- up ------------------------------------------------------------------------------
 def _up(args: argparse.Namespace) -> int:
-    from rollout.server import SpecConflict, UpSettings, WeakToken, run_up  # keeps status light
+    from rollout.server import (  # imported here: keeps `raygate status` light
+        SpecConflict,
+        StartFailed,
+        UpSettings,
+        WeakToken,
+        run_up,
+    )
     from rollout.statedir import StateDirBusy
 
     logging.basicConfig(
@@ -159,7 +165,7 @@ def _up(args: argparse.Namespace) -> int:
     )
     try:
         return _run(run_up(settings, specs))
-    except (StateDirBusy, SpecConflict, WeakToken) as exc:
+    except (StateDirBusy, SpecConflict, WeakToken, StartFailed) as exc:
         print(f"raygate: {exc}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,32 @@ def make_engine(
     return PythonGateway(GatewaySettings(limits=limits), metrics)
 
 
+class StartFailed(RuntimeError):
+    """A listener could not be opened (a port in use): nothing was served."""
+
+
+async def _serve(server: uvicorn.Server, what: str, sockets: Any = None) -> None:
+    """uvicorn exits the process (SystemExit) when it cannot bind: an error here instead."""
+    try:
+        await server.serve(sockets=sockets)
+    except SystemExit as exc:
+        raise StartFailed(
+            f"the {what} could not start (exit {exc.code}): is its port in use?"
+        ) from None
+
+
+async def _until_started(
+    servers: Sequence[uvicorn.Server], tasks: Sequence[asyncio.Task[None]], within_s: float = 30
+) -> bool:
+    """True once every server listens; False if one ended first (or took too long)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not all(s.started for s in servers):  # uvicorn has no event for it: poll
+        if any(t.done() for t in tasks) or asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 async def serve_until_signal(
     gateway: DataPlane,
     admin: Any | None,
@@ -155,6 +181,7 @@ async def serve_until_signal(
     data_socket: socket.socket | None = None,
     admin_host: str | None = None,
     keep: bool = False,
+    on_serving: Callable[[], None] | None = None,
 ) -> int:
     """Serve the data plane (and the admin app, if any) until SIGINT/SIGTERM, then shut down
     in order: /-/ready turns 503 and the listeners close, in-flight requests and streams
@@ -166,11 +193,10 @@ async def serve_until_signal(
     app = gateway.app()
     if app is not None:
         data_server = _Server(data_plane_config(app, host, port, drain_timeout_s))
-        servers.append(
-            asyncio.create_task(
-                data_server.serve(sockets=[data_socket] if data_socket else None), name="data"
-            )
-        )
+        servers.append(asyncio.create_task(
+            _serve(data_server, "data plane", [data_socket] if data_socket else None),
+            name="data",
+        ))  # fmt: skip
     admin_server = None
     if admin is not None:
         admin_host = admin_host or host
@@ -178,7 +204,7 @@ async def serve_until_signal(
             uvicorn.Config(admin, host=admin_host, port=admin_port, log_level="warning",
                            access_log=False, timeout_graceful_shutdown=5)
         )  # fmt: skip
-        servers.append(asyncio.create_task(admin_server.serve(), name="admin-api"))
+        servers.append(asyncio.create_task(_serve(admin_server, "admin API"), name="admin-api"))
         log.info(
             "gateway on http://%s:%d, admin on http://%s:%d", host, port, admin_host, admin_port
         )
@@ -186,6 +212,18 @@ async def serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    uvicorns = [s for s in (data_server, admin_server) if s is not None]
+    if not await _until_started(uvicorns, servers):
+        failed = [t for t in servers if t.done() and not t.cancelled() and t.exception()]
+        reason = failed[0].exception() if failed else "timed out"
+        for server in uvicorns:  # the ones that did start close again; the engine is left
+            server.should_exit = True
+        _done, pending = await asyncio.wait(servers, timeout=10)
+        for task in pending:
+            task.cancel()
+        raise StartFailed(f"raygate could not start serving: {reason}")
+    if on_serving is not None:
+        on_serving()
     stopper = asyncio.create_task(stop.wait())
     watch = [*servers, stopper]
     engine_task = gateway.watch()
@@ -253,7 +291,13 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
     )
     code = 1
-    started = False
+    started = False  # every listener open: from here on, a stop is a stop, not a failed start
+    failed_start = False
+
+    def serving() -> None:
+        nonlocal started
+        started = True
+
     try:
         await gateway.start()  # adopts a running data plane; before the first route table
         await controller.start()
@@ -263,16 +307,20 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
                 "%s: revision %d %s", spec.name, revision, "unchanged" if unchanged else "pushed"
             )
             controller.wake(spec.name)
-        started = True
         code = await serve_until_signal(
             gateway, admin, settings.host, settings.port, settings.admin_port,
             settings.drain_timeout_s, admin_host=settings.admin_host, keep=keep,
+            on_serving=serving,
         )  # fmt: skip
+    except Exception:
+        failed_start = not started
+        raise
     finally:
-        if keep or not started:
-            # A raygate that failed to start never tears down what it found serving: the
-            # services of an upgrade that cannot start must outlive it.
-            why = "--on-exit keep" if started else "start-up failed"
+        # A raygate that failed to start (not one stopped while starting: Ctrl-C tears
+        # down) never tears down what it found serving: an upgrade that cannot start must
+        # leave the services running.
+        if keep or failed_start:
+            why = "--on-exit keep" if not failed_start else "start-up failed"
             log.info("leaving every Ray cluster and the data plane running (%s)", why)
             await controller.stop(delete_clusters=False)
             try:

@@ -264,3 +264,32 @@ def test_an_empty_or_short_token_is_refused_at_start(tmp_path: Path) -> None:
     )  # fmt: skip
     code, out = exit_of(short, within_s=30)
     assert code == 2 and "RAYGATE_TOKEN has 5 characters" in out, out
+
+
+async def test_a_port_in_use_is_a_failed_start_that_tears_nothing_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the second review: a busy admin port made uvicorn exit the process after
+    raygate counted itself started, so its default teardown stopped every cluster."""
+    import socket
+
+    from rollout.controller import Controller
+    from rollout.server import StartFailed, UpSettings, run_up
+
+    stops: list[bool] = []
+    real_stop = Controller.stop
+
+    async def recording_stop(self: Controller, delete_clusters: bool = True) -> None:
+        stops.append(delete_clusters)
+        await real_stop(self, delete_clusters=False)
+
+    monkeypatch.setattr(Controller, "stop", recording_stop)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = UpSettings(tmp_path / "state", port=free_port(),
+                              admin_port=busy.getsockname()[1], token="t" * 32,
+                              engine="python")  # fmt: skip
+        with pytest.raises(StartFailed, match="admin API could not start"):
+            await run_up(settings, [])
+    assert stops == [False]
