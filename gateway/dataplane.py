@@ -28,6 +28,11 @@ ASGIApp = Callable[
 ]
 
 
+# In `DataPlane.routed()`: some part of the data plane routes by a table nobody knows (an
+# HAProxy worker adopted without its table, a stale master soft-stopping): no cluster is free.
+ANY_CLUSTER = "*"
+
+
 class DataPlane(Protocol):
     async def start(self) -> None:
         """Be ready for `apply`: `attach`, or else start a data plane of its own."""

@@ -45,6 +45,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.dataplane import ANY_CLUSTER
 from gateway.haproxy_config import (
     LOG_RING,
     HAProxySettings,
@@ -127,6 +128,7 @@ class HAProxyEngine:
         self._master: Master | None = None
         self._stale: set[asyncio.Task[None]] = set()  # stale masters of ours, soft-stopping
         self._unadopted: list[Master] = []  # stale masters to soft-stop (see `attach`)
+        self._table_known = True  # False: adopted without the table it routes by
         self._adopted_workers: set[int] = set()  # their rings were read by a raygate before
         self._supervisor: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -205,13 +207,16 @@ class HAProxyEngine:
         self._stop_unadopted()
         self._master = adopted
         self._topology = None  # the first apply reloads with the current table
-        self._take_over_table()
+        self._table_known = self._take_over_table()
         current, old = await self.workers()
         self._adopted_workers = set(current + old)
         # Old workers of the raygate before: what they route by is not known, so each is
-        # taken to route to every cluster of the saved table until it has no client left.
+        # taken to route to every cluster of the saved table (to any, without one) until it
+        # has no client left.
         everything = {b.cluster for route in self._table.routes for b in route.backends}
-        self._old_routed.update(dict.fromkeys(old, everything))
+        self._old_routed.update(
+            dict.fromkeys(old, everything if self._table_known else {ANY_CLUSTER})
+        )
         log.info("adopted the running haproxy master %s (workers %s)", adopted.pid, current)
         return True
 
@@ -286,7 +291,12 @@ class HAProxyEngine:
             await asyncio.wait(self._stale, timeout=timeout_s)
 
     async def release(self, timeout_s: float) -> None:
-        """Stop steering HAProxy and leave it serving, for the next raygate to adopt."""
+        """Stop steering HAProxy and leave it serving, for the next raygate to adopt; a
+        master `attach` could not adopt is left serving too (a start that failed must not
+        take down the one HAProxy still serving)."""
+        for stale in self._unadopted:
+            stale.close()
+        self._unadopted = []
         await self._stop_tasks()
         master, self._master = self._master, None
         if master is not None:
@@ -330,7 +340,9 @@ class HAProxyEngine:
                 self._write(table)
                 retiring = await self._reload()
                 if retiring is not None:
-                    self._old_routed[retiring] = self._table.routed()
+                    known = self._table_known
+                    self._old_routed[retiring] = self._table.routed() if known else {ANY_CLUSTER}
+                    self._table_known = True
                 self._topology = topo
             else:
                 line = "; ".join(weight_commands(table, since=self._table))
@@ -347,6 +359,8 @@ class HAProxyEngine:
         by the weights it had (`set server` is refused on a stopping worker), so a cluster
         the switch took traffic from may still get a request from it."""
         out = self._table.routed()
+        if any(not task.done() for task in self._stale):
+            out.add(ANY_CLUSTER)  # a stale master still answers its kept-alive clients
         _current, old = await self.workers()
         self._old_routed = {p: c for p, c in self._old_routed.items() if p in old}
         for pid, clusters in self._old_routed.items():
@@ -379,17 +393,19 @@ class HAProxyEngine:
         tmp.write_text(json.dumps(table.to_json()))
         os.replace(tmp, self._table_path)
 
-    def _take_over_table(self) -> None:
+    def _take_over_table(self) -> bool:
         """An adopted HAProxy routes by the table the last raygate put in force; it is this
-        engine's until the first apply (so its worker, once old, is known to route by it)."""
+        engine's until the first apply (so its worker, once old, is known to route by it).
+        False when there is none to read (e.g. left by a raygate that saved none)."""
         try:
             table = RouteTable.from_json(json.loads(self._table_path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("the adopted haproxy's route table is unknown: %r", exc)
-            return
+            return False
         self._table = table
         self._clusters.update(server_names(table))
         self._routes.update(backends_of(table))
+        return True
 
     async def in_flight(self) -> Mapping[str, int]:
         out: dict[str, int] = {}

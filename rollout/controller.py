@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from gateway.dataplane import DataPlane
+from gateway.dataplane import ANY_CLUSTER, DataPlane
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
 from rollout.health import HealthChecker
@@ -360,7 +360,7 @@ class Controller:
             log.warning("the data plane cannot say where it routes (%r); deleting later", exc)
             return
         for info in marked:
-            if info.id in routed:
+            if info.id in routed or ANY_CLUSTER in routed:
                 log.info("cluster %s waits for the gateway to stop routing to it", info.id)
                 continue
             try:

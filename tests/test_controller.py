@@ -169,6 +169,7 @@ class DataPlaneDouble:
     def __init__(self) -> None:
         self.tables: list[RouteTable] = []
         self.broken = False
+        self.also_routed: set[str] = set()
 
     async def apply(self, table: RouteTable) -> None:
         if self.broken:
@@ -179,8 +180,9 @@ class DataPlaneDouble:
         return {}
 
     async def routed(self) -> set[str]:
-        """What the last table it took routes to: a refused table is not in force."""
-        return self.tables[-1].routed() if self.tables else set()
+        """What the last table it took routes to (a refused table is not in force), and
+        whatever a test says some older part of it still routes to."""
+        return (self.tables[-1].routed() if self.tables else set()) | self.also_routed
 
     async def drain(self, timeout_s: float) -> None:
         return None
@@ -424,5 +426,22 @@ async def test_a_silent_cluster_is_replaced_gated_then_switched(rig: Rig) -> Non
     await rig.tick(3)
     assert rig.status()[:2] == (pending, None)
     assert rig.plane.weights()[pending] == 100
+    await rig.tick()
+    assert rig.provider.deleted == [old]
+
+
+async def test_no_cluster_is_deleted_while_the_data_plane_may_route_anywhere(rig: Rig) -> None:
+    """An old HAProxy worker adopted without its table may route anywhere (ANY_CLUSTER)."""
+    from gateway.dataplane import ANY_CLUSTER
+
+    old = await rig.live()
+    rig.store.push(make_spec(cpus=4), rig.clock.now)
+    await rig.tick(4)
+    new, _, _ = rig.status()
+    assert new != old
+    rig.plane.also_routed = {ANY_CLUSTER}
+    await rig.tick(5, dt=60)
+    assert rig.provider.deleted == [] and rig.records()[old] is ClusterState.DELETING
+    rig.plane.also_routed = set()
     await rig.tick()
     assert rig.provider.deleted == [old]

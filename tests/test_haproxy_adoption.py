@@ -345,3 +345,63 @@ async def test_an_old_worker_found_at_adoption_keeps_its_clusters_routed(work_di
                 await asyncio.sleep(0.1)
     finally:
         await engine.drain(10)
+
+
+async def test_without_its_saved_table_an_adopted_worker_keeps_every_cluster_routed(
+    work_dir: Path,
+) -> None:
+    """A master adopted without the table it routes by (left by a raygate that saved none):
+    its worker, once old, may send an idle client's next request anywhere, so no cluster
+    is reported free until that client is gone (found by the second review: such workers
+    were taken to route nowhere)."""
+    from gateway.dataplane import ANY_CLUSTER
+
+    settings = HAProxySettings(work_dir, port=free_port())
+    first = HAProxyEngine(settings)
+    await first.start()
+    engine = HAProxyEngine(settings)
+    try:
+        async with labelled_upstreams("a", "b") as (a, b):
+            await first.apply(table(Backend("a", a.url, 1)))
+            kept = await asyncio.open_connection("127.0.0.1", settings.port)
+            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            await first.release(5)
+            (work_dir / "table.json").unlink()  # as a raygate from before left it
+            await engine.start()
+            await engine.apply(table(Backend("b", b.url, 1)))  # a reload: that worker is old
+            assert ANY_CLUSTER in await engine.routed(), "an unknown table routes anywhere"
+            status, _headers, body = await http_get(*kept, "/svc/x")
+            assert (status, body) == (200, "a")
+            kept[1].close()
+            deadline = asyncio.get_running_loop().time() + 10
+            while (routed := await engine.routed()) != {"b"}:
+                assert asyncio.get_running_loop().time() < deadline, routed
+                await asyncio.sleep(0.1)
+    finally:
+        await engine.drain(10)
+
+
+async def test_a_failed_replacement_leaves_the_master_that_still_serves(work_dir: Path) -> None:
+    """No master can be adopted (its socket is gone) and the new one cannot be started (the
+    binary is gone): raygate's failed start releases the engine, and the stale master, the
+    only HAProxy serving, must be left serving (found by the second review: it was
+    soft-stopped and the data port went dark)."""
+    import dataclasses
+
+    settings = HAProxySettings(work_dir, port=free_port())
+    async with labelled_upstreams("a") as (a,):
+        first = HAProxyEngine(settings)
+        await first.start()
+        await first.apply(table(Backend("a", a.url, 1)))
+        serving = first.pid
+        await first.release(5)
+        settings.master_socket.unlink()
+        engine = HAProxyEngine(dataclasses.replace(settings, binary="/nonexistent/haproxy"))
+        with pytest.raises(OSError):
+            await engine.start()
+        await engine.release(5)  # what raygate up does when its start failed
+        await engine.close()
+        assert haproxy_masters(settings.config_path) == [serving]
+        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+            r = await client.get(f"http://127.0.0.1:{settings.port}/svc/x")
+        assert (r.status_code, r.text) == (200, "a")
