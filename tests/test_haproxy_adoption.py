@@ -27,7 +27,7 @@ from gateway.routes import Backend
 from tests.haproxy_procs import haproxy_masters, haproxy_processes
 from tests.harness import ROOT
 from tests.loopback import free_port, labelled_upstreams, table, until
-from tests.test_switch import http_get
+from tests.test_switch import http_get, until_routed
 
 # The engine of a raygate that is about to die: started, one route applied, then it waits.
 CHILD = """
@@ -339,10 +339,7 @@ async def test_an_old_worker_found_at_adoption_keeps_its_clusters_routed(work_di
             status, headers, body = await http_get(*kept, "/svc/x")
             assert (status, body, headers.get("connection")) == (200, "a", "close")
             kept[1].close()
-            deadline = asyncio.get_running_loop().time() + 10
-            while (routed := await engine.routed()) != {"b"}:
-                assert asyncio.get_running_loop().time() < deadline, routed
-                await asyncio.sleep(0.1)
+            await until_routed(engine, {"b"})
     finally:
         await engine.drain(10)
 
@@ -373,10 +370,7 @@ async def test_without_its_saved_table_an_adopted_worker_keeps_every_cluster_rou
             status, _headers, body = await http_get(*kept, "/svc/x")
             assert (status, body) == (200, "a")
             kept[1].close()
-            deadline = asyncio.get_running_loop().time() + 10
-            while (routed := await engine.routed()) != {"b"}:
-                assert asyncio.get_running_loop().time() < deadline, routed
-                await asyncio.sleep(0.1)
+            await until_routed(engine, {"b"})
     finally:
         await engine.drain(10)
 
