@@ -379,7 +379,7 @@ class HAProxyEngine:
         text = await self._old_worker(pid, "show stat -1 1 -1")  # frontends
         if text is None:
             _current, old = await self.workers()
-            return pid in old and pid not in self._retired
+            return pid in old
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
         return any(r.get("svname") == "FRONTEND" and int(r["scur"] or 0) > 0 for r in rows)
 

@@ -5,8 +5,9 @@ Swagger and ReDoc pages are off (a browser cannot send the token, and they load 
 CDN into a page that holds it). A push is validated in full before anything is written: an
 invalid spec or a route prefix owned by another service changes nothing.
 
-Every endpoint is `async def`: FastAPI runs plain `def` endpoints in a thread pool, and the
-Store's one SQLite connection belongs to the event loop's thread.
+Every endpoint is `async def`: FastAPI would run plain `def` endpoints in a thread pool, and
+the Store is used from the event loop's thread only (it opens a connection per thread, so
+that is a choice of cost, not of safety).
 """
 
 from __future__ import annotations

@@ -250,6 +250,13 @@ class _Builder:
     def event(self, text: str) -> None:
         self.events.append(text)
 
+    def new_cluster(self, revision: int, cluster_hash: str, cluster: str, now: float) -> None:
+        """A rollout of `revision` onto a new cluster, from its first step."""
+        pending = Pending(revision, Kind.NEW_CLUSTER, cluster, cluster_hash,
+                          Step.CREATE_CLUSTER, now)  # fmt: skip
+        self.set(pending=pending)
+        self.act(CreateCluster(cluster, revision))
+
     def end_rollout(self, revision: int, result: Result, message: str) -> None:
         record = RolloutRecord(revision, result, message)
         self.finished.append(record)
@@ -295,9 +302,7 @@ def plan(
 def _failed(state: ServiceState, revision: int) -> bool:
     """A rollout of `revision` (the newest push) was aborted: it is not tried again until
     something newer is pushed, whatever rollouts (a restore) ended since."""
-    last = state.last_rollout
-    aborted_last = last is not None and last.revision == revision and last.result is Result.ABORTED
-    return aborted_last or revision <= state.failed_up_to
+    return revision <= state.failed_up_to
 
 
 def _track_reachability(b: _Builder, observed: Observation, now: float) -> None:
@@ -377,8 +382,7 @@ def _handle_dead_active(b: _Builder, observed: Observation) -> None:
         b.end_rollout(b.state.pending.revision, Result.ABORTED, "the cluster died")
         b.set(pending=None)
     b.act(DeleteCluster(active.cluster, "dead"))
-    b.set(active=None)
-    b.set(restore=active.revision)
+    b.set(active=None, restore=active.revision)
 
 
 def _replace_unresponsive_active(
@@ -406,9 +410,7 @@ def _replace_unresponsive_active(
         b.set(pending=None)
     if len(b.state.retiring) + 1 >= MAX_CLUSTERS:
         return  # a retiring cluster is deleted first
-    b.set(pending=Pending(active.revision, Kind.NEW_CLUSTER, new_id, active.cluster_hash,
-                          Step.CREATE_CLUSTER, now))  # fmt: skip
-    b.act(CreateCluster(new_id, active.revision))
+    b.new_cluster(active.revision, active.cluster_hash, new_id, now)
     b.event(
         f"cluster {active.cluster} has not answered for {window:g}s (dashboard and Serve "
         f"proxy): replacing it with {new_id} (revision {active.revision})"
@@ -489,12 +491,7 @@ def _start(
         b.end_rollout(target.number, Result.ABORTED, message)
         b.event(f"rollout of revision {target.number} aborted: {message}")
         return
-    b.set(
-        pending=Pending(
-            target.number, Kind.NEW_CLUSTER, new_id, target.cluster_hash, Step.CREATE_CLUSTER, now
-        )
-    )
-    b.act(CreateCluster(new_id, target.number))
+    b.new_cluster(target.number, target.cluster_hash, new_id, now)
     why = "cluster spec changed" if s.active is not None else "no running cluster"
     b.event(f"revision {target.number}: {why}, creating cluster {new_id}")
 

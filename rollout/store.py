@@ -111,8 +111,14 @@ def _from_json(text: str) -> ServiceState:
         unreachable=tuple(Unreachable(**u) for u in raw.get("unreachable", ())),
         restore=raw.get("restore"),
         waiting=raw.get("waiting", ""),
-        failed_up_to=raw.get("failed_up_to", 0),
+        # A state written before failed_up_to: its last rollout says what had failed.
+        failed_up_to=raw.get("failed_up_to")
+        or (lr["revision"] if lr and lr["result"] == Result.ABORTED.value else 0),
     )
+
+
+def _mark_deleting(db: sqlite3.Connection, cid: str) -> None:
+    db.execute("UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid))
 
 
 class Store:
@@ -305,9 +311,7 @@ class Store:
                     (info.id, info.service, info.to_json(), ClusterState.CREATING.value),
                 )
             for cid in deleting:
-                db.execute(
-                    "UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid)
-                )
+                _mark_deleting(db, cid)
 
     # ---- clusters --------------------------------------------------------------------
     def clusters(self) -> list[tuple[ClusterInfo, ClusterState]]:
@@ -327,9 +331,7 @@ class Store:
         )
 
     def mark_cluster_deleting(self, cid: str) -> None:
-        self._db.execute(
-            "UPDATE clusters SET state=? WHERE id=?", (ClusterState.DELETING.value, cid)
-        )
+        _mark_deleting(self._db, cid)
 
     def drop_cluster(self, cid: str) -> None:
         self._db.execute("DELETE FROM clusters WHERE id=?", (cid,))

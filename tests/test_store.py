@@ -126,3 +126,20 @@ def test_a_state_dir_from_before_versions_is_upgraded(tmp_path: Path) -> None:
     store = Store(path)
     store.push(a_spec(), 1.0)
     assert versioned(store)[1] == 0
+
+
+def test_a_state_from_before_failed_up_to_keeps_its_aborted_revision_given_up(
+    store: Store,
+) -> None:
+    """Written before `failed_up_to` existed: its aborted last rollout still says revision 2
+    is not to be tried again."""
+    import json
+
+    from rollout.store import _to_json
+
+    aborted = replace(LIVE, last_rollout=RolloutRecord(2, Result.ABORTED, "boom"))
+    raw = json.loads(_to_json(aborted))
+    del raw["failed_up_to"]
+    store._db.execute("UPDATE services SET state=? WHERE name=?", (json.dumps(raw), "digits"))
+    state, _ = versioned(store)
+    assert state.failed_up_to == 2
