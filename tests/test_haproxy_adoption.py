@@ -27,7 +27,7 @@ from gateway.routes import Backend
 from tests.haproxy_procs import haproxy_masters, haproxy_processes
 from tests.harness import ROOT
 from tests.loopback import free_port, labelled_upstreams, table, until
-from tests.test_switch import http_get, until_routed
+from tests.test_switch import a_then_b, http_get, idle_client_on_a, until_routed
 
 # The engine of a raygate that is about to die: started, one route applied, then it waits.
 CHILD = """
@@ -324,9 +324,7 @@ async def test_an_old_worker_found_at_adoption_keeps_its_clusters_routed(work_di
     engine = HAProxyEngine(settings)
     try:
         async with labelled_upstreams("a", "b") as (a, b):
-            await first.apply(table(Backend("a", a.url, 1)))
-            kept = await asyncio.open_connection("127.0.0.1", settings.port)
-            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            kept = await idle_client_on_a(first, a_then_b(a, b))
             await first.apply(table(Backend("a", a.url, 1), Backend("b", b.url, 0)))  # reload
             await first.apply(table(Backend("a", a.url, 0), Backend("b", b.url, 1)))  # switch
             master = first.pid
@@ -359,9 +357,7 @@ async def test_without_its_saved_table_an_adopted_worker_keeps_every_cluster_rou
     engine = HAProxyEngine(settings)
     try:
         async with labelled_upstreams("a", "b") as (a, b):
-            await first.apply(table(Backend("a", a.url, 1)))
-            kept = await asyncio.open_connection("127.0.0.1", settings.port)
-            assert (await http_get(*kept, "/svc/x"))[2] == "a"
+            kept = await idle_client_on_a(first, a_then_b(a, b))
             await first.release(5)
             (work_dir / "table.json").unlink()  # as a raygate from before left it
             await engine.start()
