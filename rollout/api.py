@@ -1,9 +1,10 @@
 """The admin API (FastAPI): push specs, read status and history, delete services.
 
-Every route but /-/healthz needs `Authorization: Bearer <token>`, /openapi.json included; the
-Swagger and ReDoc pages are off (a browser cannot send the token, and they load scripts from a
-CDN into a page that holds it). A push is validated in full before anything is written: an
-invalid spec or a route prefix owned by another service changes nothing.
+Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>`, /openapi.json
+included; the Swagger and ReDoc pages are off (a browser cannot send the token, and they
+load scripts from a CDN into a page that holds it). A push is validated in full before
+anything is written: an invalid spec, one the running provider cannot run, or a route prefix
+owned by another service changes nothing.
 
 Every endpoint is `async def`: FastAPI would run plain `def` endpoints in a thread pool, and
 the Store is used from the event loop's thread only (it opens a connection per thread, so
@@ -117,7 +118,11 @@ def create_admin_app(
     wake: Callable[[str], None],
     in_flight: Callable[[], Awaitable[Mapping[str, int]]],
     metrics_registry: CollectorRegistry | None = None,
+    check_spec: Callable[[ServiceSpec], list[tuple[str, str]]] = lambda spec: [],
+    ready: Callable[[], Awaitable[str | None]] | None = None,
 ) -> FastAPI:
+    """`check_spec` names what the running provider cannot run in a spec (a 422); `ready`
+    says why raygate cannot take traffic yet, None once it can (/-/ready)."""
     app = FastAPI(
         title="raygate admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None
     )
@@ -143,6 +148,14 @@ def create_admin_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/-/ready")
+    async def is_ready() -> JSONResponse:
+        """Readiness (a Kubernetes readinessProbe): no token, and no service data."""
+        why = await ready() if ready is not None else None
+        if why is not None:
+            return JSONResponse({"status": "not ready", "reason": why}, 503)
+        return JSONResponse({"status": "ready"})
+
     @app.put(
         "/v1/services/{name}",
         dependencies=guarded,
@@ -163,6 +176,9 @@ def create_admin_app(
             spec = parse_spec(await asyncio.to_thread(decode_body, body))
         except SpecError as exc:
             return _invalid(exc.problems)
+        problems = check_spec(spec)
+        if problems:
+            return _invalid(problems)
         if spec.name != name:
             return _invalid([("name", f"spec names {spec.name!r} but was pushed to {name!r}")])
         conflicts = route_conflicts(spec, store.latest_specs())

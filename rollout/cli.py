@@ -61,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT: stop every cluster and the data plane (teardown, default), "
         "or stop only raygate and leave them serving for the next `raygate up` (keep)",
     )
+    up.add_argument(
+        "--provider", choices=["local", "kuberay"], default="local",
+        help="where clusters run: Ray heads on this machine (local, default), or RayClusters "
+        "on Kubernetes through the KubeRay operator (kuberay; clusters outlive raygate)",
+    )  # fmt: skip
+    up.add_argument("--namespace", help="kuberay: the namespace of the RayClusters "
+                    "(default: the pod's own, else `default`)")  # fmt: skip
+    up.add_argument("--kubeconfig", help="kuberay: else in-cluster config, $KUBECONFIG, "
+                    "~/.kube/config, as kubectl")  # fmt: skip
+    up.add_argument("--instance", default="raygate", help="kuberay: the label value that tells "
+                    "this raygate's RayClusters from another's in the same namespace")  # fmt: skip
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
 
@@ -162,6 +173,10 @@ def _up(args: argparse.Namespace) -> int:
         token=os.environ.get("RAYGATE_TOKEN") or None,
         admin_host=args.admin_host,
         on_exit=args.on_exit,
+        provider=args.provider,
+        namespace=args.namespace,
+        kubeconfig=args.kubeconfig,
+        instance=args.instance,
     )
     try:
         return _run(run_up(settings, specs))

@@ -68,7 +68,7 @@ def serve_config(spec: ServiceSpec, info: ClusterInfo) -> dict[str, Any]:
     """The user's Serve config with the http_options raygate owns for this cluster."""
     config = dict(spec.serve)
     http = dict(config.get("http_options") or {})
-    http.update(host=info.serve_host, port=info.serve_port)
+    http.update(host=info.bind_host or info.serve_host, port=info.serve_port)
     http.setdefault("keep_alive_timeout_s", SERVE_KEEP_ALIVE_S)
     config["http_options"] = http
     return config
@@ -102,6 +102,7 @@ class Controller:
         self._publishing = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._spawn = asyncio.Event()
+        self.started = False  # routes published and recovery done: raygate is ready
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,6 +111,7 @@ class Controller:
         await self.publish_routes()
         await self.recover()
         self._supervisor = asyncio.create_task(self._supervise(), name="raygate-supervisor")
+        self.started = True
 
     async def recover(self) -> None:
         """After a restart: finish deletions, remove clusters no state refers to, orphans."""

@@ -25,7 +25,7 @@ def route_table(
     clusters: Mapping[str, ClusterInfo],
 ) -> RouteTable:
     """`specs_of(service, revision)` gives the spec a cluster runs; `clusters` the records of
-    every cluster (a cluster without one is left out: it has no address yet).
+    every cluster (a cluster without one, or without an address, is left out).
 
     A prefix claimed by two services (the admin API refuses such a push, so only state
     written before that check can hold one) stays with the first service by name."""
@@ -37,8 +37,8 @@ def route_table(
         for cluster, weight in state.traffic().items():
             info = clusters.get(cluster)
             revision = state.expected_revision(cluster) or fallback
-            if info is None or revision is None:
-                continue
+            if info is None or not info.serve_host or revision is None:
+                continue  # no address yet (a RayCluster KubeRay has not reported on)
             spec = specs_of(name, revision)
             backend = Backend(cluster, info.serve_url, weight)
             for app, prefix in spec.app_routes().items():

@@ -39,6 +39,7 @@ from gateway.routes import Backend, Route, RouteTable
 from rollout.api import create_admin_app, create_metrics_app
 from rollout.conflicts import startup_conflicts
 from rollout.controller import Controller
+from rollout.providers.kuberay import KubeRayProvider, KubeRaySettings, load_api_client
 from rollout.providers.local import LocalProvider, LocalSettings
 from rollout.spec import ServiceSpec
 from rollout.statedir import StateDirLock, make_private
@@ -58,6 +59,31 @@ class UpSettings:
     admin_host: str = "127.0.0.1"  # the token grants code execution: loopback unless asked
     engine: str = "haproxy"  # or "python"
     on_exit: str = "teardown"  # or "keep": leave clusters and HAProxy serving
+    provider: str = "local"  # or "kuberay"
+    namespace: str | None = None  # kuberay: where the RayClusters live
+    kubeconfig: str | None = None  # kuberay: else in-cluster, $KUBECONFIG, ~/.kube/config
+    instance: str = "raygate"  # kuberay: the label that tells this raygate's RayClusters
+
+
+PROVIDERS = ("local", "kuberay")
+
+
+def make_provider(settings: UpSettings, state_dir: Path) -> LocalProvider | KubeRayProvider:
+    """The one place that knows the providers by name."""
+    if settings.provider == "kuberay":
+        namespace = settings.namespace or _current_namespace()
+        api = load_api_client(settings.kubeconfig)
+        return KubeRayProvider(api, KubeRaySettings(namespace, instance=settings.instance))
+    return LocalProvider(LocalSettings(state_dir))
+
+
+def _current_namespace() -> str:
+    """In a pod, its own namespace (as kubectl does); else `default`."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip() or "default"
+    except OSError:
+        return "default"
 
 
 class _Server(uvicorn.Server):
@@ -250,6 +276,14 @@ async def serve_until_signal(
     return 1 if failed or engine_failed else 0
 
 
+async def _ready(controller: Controller, gateway: DataPlane) -> str | None:
+    """Why raygate cannot take traffic yet (None: it can): the controller has not published
+    its routes and recovered, or the data plane engine is unhealthy."""
+    if not controller.started:
+        return "the controller is still starting"
+    return await gateway.health()
+
+
 async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     state_dir = settings.state_dir.resolve()
     lock = StateDirLock(state_dir)  # before anything reads or writes the state dir
@@ -273,11 +307,22 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     metrics = Metrics()
     store = Store(state_dir / "raygate.db")
     conflicts = startup_conflicts(specs, store.latest_specs())
+    try:
+        provider = make_provider(settings, state_dir)
+    except Exception as exc:  # no kubeconfig, an unreadable one
+        store.close()
+        lock.release()
+        raise StartFailed(f"the {settings.provider} provider cannot start: {exc}") from None
+    conflicts += [f"{spec.name}: {field}: {problem}"
+                  for spec in specs for field, problem in provider.check(spec)]  # fmt: skip
     if conflicts:
+        await provider.close()
         store.close()
         lock.release()
         raise SpecConflict("; ".join(conflicts) + "; nothing was pushed")
-    provider = LocalProvider(LocalSettings(state_dir))
+    # On Kubernetes, clusters outlive raygate (a pod rescheduled, a rolling upgrade): they
+    # are never deleted on exit, only by `raygate delete` or a rollout.
+    keep_clusters = keep or provider.keeps_clusters
     # The Serve proxy's own health endpoint is what HAProxy checks on each cluster.
     gateway = make_engine(settings.engine, metrics, state_dir, settings.host, settings.port,
                           16 * 1024 * 1024, "/-/healthz")  # fmt: skip
@@ -288,8 +333,9 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     http = httpx.AsyncClient(trust_env=False)
     controller = Controller(store, provider, gateway, http, metrics=metrics)
     admin = create_admin_app(
-        store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry
-    )
+        store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry,
+        check_spec=provider.check, ready=lambda: _ready(controller, gateway),
+    )  # fmt: skip
     code = 1
     started = False  # every listener open: from here on, a stop is a stop, not a failed start
     failed_start = False
@@ -327,6 +373,10 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
                 await gateway.release(settings.drain_timeout_s)
             except Exception:
                 log.exception("releasing the data plane failed")
+        elif keep_clusters:
+            log.info("leaving every %s cluster running: a restarted raygate adopts them",
+                     provider.name)  # fmt: skip
+            await controller.stop(delete_clusters=False)
         else:
             log.info("stopping every Ray cluster raygate started")
             await controller.stop(delete_clusters=True)

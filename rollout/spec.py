@@ -48,13 +48,30 @@ class _Strict(BaseModel):
 
 
 class ClusterSpec(_Strict):
-    """Anything here changes the Ray cluster itself, so a change means a new cluster."""
+    """Anything here changes the Ray cluster itself, so a change means a new cluster.
+
+    The first five fields are the local provider's; `kuberay` is the KubeRay provider's: a
+    RayCluster `spec` (rayVersion, headGroupSpec, workerGroupSpecs, ...) passed through to
+    KubeRay. The two sets are mutually exclusive (`parse_spec`)."""
 
     num_cpus: int = Field(2, ge=1, le=256)
     object_store_memory_mb: int = Field(200, ge=75)
     env: dict[str, str] = Field(default_factory=dict)
     code_dir: str | None = None
     python: str | None = None
+    kuberay: dict[str, Any] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What the cluster hash is taken over. `kuberay` only when set: a revision stored
+        before the field existed must keep its hash, or an upgrade of raygate would roll
+        every service out onto a new cluster."""
+        dumped = self.model_dump(mode="json")
+        if dumped.get("kuberay") is None:
+            dumped.pop("kuberay", None)
+        return dumped
+
+
+LOCAL_FIELDS = ("num_cpus", "object_store_memory_mb", "env", "code_dir", "python")
 
 
 class Probe(_Strict):
@@ -114,13 +131,15 @@ class ServiceSpec(_Strict):
         return out
 
     def cluster_hash(self) -> str:
-        return _digest(self.cluster.model_dump(mode="json"))
+        return _digest(self.cluster.identity())
 
     def serve_hash(self) -> str:
         return _digest(self.serve)
 
     def spec_hash(self) -> str:
-        return _digest(self.model_dump(mode="json", by_alias=True))
+        dumped = self.model_dump(mode="json", by_alias=True)
+        dumped["cluster"] = self.cluster.identity()  # the same rule as cluster_hash
+        return _digest(dumped)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_defaults=False)
@@ -150,6 +169,7 @@ def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
     problems: list[tuple[str, str]] = []
     _check_finite(spec.model_dump(mode="python", exclude={"serve"}), "", problems)
     _check_probes(spec.upgrade.health.probes, problems)
+    _check_kuberay(spec.cluster, problems)
     serve = _validate_serve(spec.serve, problems)
     cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
     if problems:
@@ -190,6 +210,60 @@ def _check_probes(probes: tuple[Probe, ...], problems: list[tuple[str, str]]) ->
                 problems.append(
                     (f"{at}.headers", f"header {name!r}: value must be ASCII without CR, LF, NUL")
                 )
+
+
+def _check_kuberay(cluster: ClusterSpec, problems: list[tuple[str, str]]) -> None:
+    """The RayCluster spec is KubeRay's to validate in full; what KubeRay or raygate needs
+    before anything is created is checked here, so it fails at push, naming the field:
+    a head group whose first container (the Ray container, by KubeRay's convention) has an
+    image, and container ports raygate can read."""
+    if cluster.kuberay is None:
+        return
+    for field in LOCAL_FIELDS:
+        if field in cluster.model_fields_set and getattr(cluster, field) != (
+            ClusterSpec.model_fields[field].get_default(call_default_factory=True)
+        ):
+            problems.append((f"cluster.{field}", "a local-provider field: with cluster.kuberay "
+                             "the RayCluster spec describes the cluster"))  # fmt: skip
+    at = "cluster.kuberay"
+    for key in ("metadata", "apiVersion", "kind", "status"):
+        if key in cluster.kuberay:
+            problems.append((f"{at}.{key}", "cluster.kuberay is a RayCluster's `spec` only; "
+                             "raygate names and labels the object"))  # fmt: skip
+    head = cluster.kuberay.get("headGroupSpec")
+    if not isinstance(head, dict):
+        problems.append((f"{at}.headGroupSpec", "required: a mapping with the head pod template"))
+        return
+    params = head.get("rayStartParams", {})
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        problems.append((f"{at}.headGroupSpec.rayStartParams", "a mapping of strings"))
+    containers = _dig(head, "template", "spec", "containers")
+    where = f"{at}.headGroupSpec.template.spec.containers"
+    if not isinstance(containers, list) or not containers:
+        problems.append((where, "required: at least the Ray container (containers[0])"))
+        return
+    for i, container in enumerate(containers):
+        if not isinstance(container, dict):
+            problems.append((f"{where}[{i}]", "a container must be a mapping"))
+            continue
+        if i == 0 and not (isinstance(container.get("image"), str) and container["image"]):
+            problems.append((f"{where}[0].image", "required: the Ray image"))
+        ports = container.get("ports", [])
+        if not isinstance(ports, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("containerPort"), int) for p in ports
+        ):
+            problems.append((f"{where}[{i}].ports", "a list of {name, containerPort: int}"))
+    workers = cluster.kuberay.get("workerGroupSpecs", [])
+    if not isinstance(workers, list):
+        problems.append((f"{at}.workerGroupSpecs", "a list of worker groups"))
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
 
 
 def _pydantic_problems(exc: pydantic.ValidationError, prefix: str = "") -> list[tuple[str, str]]:

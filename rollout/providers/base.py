@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from rollout.plan import Liveness
-from rollout.spec import ClusterSpec
+from rollout.spec import ClusterSpec, ServiceSpec
 
 
 class ProviderError(Exception):
@@ -28,14 +28,18 @@ class ClusterInfo:
     service: str
     provider: str
     dashboard_url: str  # Ray dashboard (Serve REST API)
-    serve_host: str  # where the Serve HTTP proxy listens
+    serve_host: str  # where raygate reaches the Serve HTTP proxy; "" until it is known
     serve_port: int
     created_at: float
     data: dict[str, Any] = field(default_factory=dict)  # provider-specific (ports, pids, ...)
+    # Where Serve binds, when that is not `serve_host` (on Kubernetes: every interface of
+    # the pod, while raygate dials the head Service's IP).
+    bind_host: str = ""
 
     @property
     def serve_url(self) -> str:
-        return f"http://{self.serve_host}:{self.serve_port}"
+        host = f"[{self.serve_host}]" if ":" in self.serve_host else self.serve_host
+        return f"http://{host}:{self.serve_port}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,6 +51,11 @@ class ClusterInfo:
 
 class ClusterProvider(Protocol):
     name: str
+    keeps_clusters: bool  # clusters outlive raygate: stopping it never deletes them
+
+    def check(self, spec: ServiceSpec) -> list[tuple[str, str]]:
+        """(field, problem) for each thing in `spec` this provider cannot run: a push of it
+        is refused (422) and changes nothing."""
 
     def allocate(
         self, cluster_id: str, service: str, spec: ClusterSpec, taken: Sequence[ClusterInfo]

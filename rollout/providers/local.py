@@ -33,7 +33,7 @@ import httpx
 
 from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo, ProviderError
-from rollout.spec import OUR_ENV_PREFIX, ClusterSpec
+from rollout.spec import OUR_ENV_PREFIX, ClusterSpec, ServiceSpec
 
 log = logging.getLogger("raygate.local")
 
@@ -71,6 +71,7 @@ def _owner(state_dir: Path) -> str:
 
 class LocalProvider:
     name = "local"
+    keeps_clusters = False
 
     def __init__(self, settings: LocalSettings) -> None:
         self.settings = settings
@@ -79,6 +80,12 @@ class LocalProvider:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    def check(self, spec: ServiceSpec) -> list[tuple[str, str]]:
+        if spec.cluster.kuberay is not None:
+            return [("cluster.kuberay", "this raygate runs the local provider; a RayCluster "
+                     "spec needs `raygate up --provider kuberay`")]  # fmt: skip
+        return []
 
     # ---- allocate -------------------------------------------------------------------
     def allocate(
