@@ -126,7 +126,11 @@ class Controller:
                 self.store.mark_cluster_deleting(info.id)
         await self._sweep_deletions(None)
         known = [info for info, _ in self.store.clusters()]
-        stray = await self.provider.orphans(known)
+        try:
+            stray = await self.provider.orphans(known)
+        except ProviderError as exc:  # e.g. the Kubernetes API is down: serve what is known
+            log.error("recover: cannot look for orphan clusters: %s", exc)
+            return
         if stray:
             log.warning("recover: stopped orphan clusters %s", stray)
 

@@ -332,3 +332,46 @@ async def test_a_bad_env_key_is_a_422_naming_it(client: httpx.AsyncClient, store
     r = await client.put("/v1/services/digits", json=bad)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cluster.python"
     assert store.service_names() == []
+
+
+async def test_a_spec_the_running_provider_cannot_run_is_refused_and_changes_nothing(
+    store: Store, tmp_path: Path
+) -> None:
+    from rollout.providers.local import LocalProvider, LocalSettings
+
+    async def in_flight() -> dict[str, int]:
+        return {}
+
+    local = LocalProvider(LocalSettings(tmp_path))
+    app = create_admin_app(store, TOKEN, lambda name: None, in_flight, check_spec=local.check)
+    raw = spec()
+    for key in ("num_cpus", "env", "code_dir"):
+        raw["cluster"].pop(key)
+    raw["cluster"]["kuberay"] = {"headGroupSpec": {"template": {"spec": {"containers": [
+        {"name": "ray-head", "image": "rayproject/ray:2.60.0"}]}}}}  # fmt: skip
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a",
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as c:  # fmt: skip
+        r = await c.put("/v1/services/digits", json=raw)
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["errors"]] == ["cluster.kuberay"]
+    assert "--provider kuberay" in r.json()["errors"][0]["message"]
+    assert store.service_names() == []
+    await local.close()
+
+
+async def test_ready_says_why_not_until_raygate_can_take_traffic(store: Store) -> None:
+    why: list[str | None] = ["the controller is still starting"]
+
+    async def ready() -> str | None:
+        return why[0]
+
+    async def in_flight() -> dict[str, int]:
+        return {}
+
+    app = create_admin_app(store, TOKEN, lambda name: None, in_flight, ready=ready)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as c:
+        r = await c.get("/-/ready")  # no token: a kubelet probes it
+        assert r.status_code == 503 and r.json()["reason"] == "the controller is still starting"
+        why[0] = None
+        r = await c.get("/-/ready")
+        assert r.status_code == 200 and r.json() == {"status": "ready"}

@@ -1,0 +1,247 @@
+"""The KubeRay provider's pure parts: the RayCluster it creates, how it reads KubeRay's
+status, the errors it reports, and what a push under each provider is refused for. The
+parts that talk to an API server run against kmock in tests/test_e2e_kuberay.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from rollout.controller import serve_config
+from rollout.plan import Liveness
+from rollout.providers.base import ClusterInfo
+from rollout.providers.kuberay import (
+    KubeRayProvider,
+    KubeRaySettings,
+    address,
+    api_error,
+    identity,
+    readiness,
+)
+from rollout.providers.local import LocalProvider, LocalSettings
+from rollout.spec import SpecError, parse_spec
+
+HEAD = {
+    "rayStartParams": {"num-cpus": "2"},
+    "template": {"spec": {"containers": [{"name": "ray-head", "image": "rayproject/ray:2.60.0"}]}},
+}
+RAY = {"rayVersion": "2.60.0", "headGroupSpec": HEAD}
+SERVE = {"applications": [{"name": "a", "route_prefix": "/a", "import_path": "m:app"}]}
+
+
+def spec(**cluster: Any) -> dict[str, Any]:
+    return {"name": "digits", "cluster": cluster, "serve": SERVE}
+
+
+def provider() -> KubeRayProvider:
+    from kubernetes import client
+
+    return KubeRayProvider(client.ApiClient(), KubeRaySettings("ml", instance="blue"))
+
+
+def test_the_rayclusters_body_lists_the_ports_raygate_dials_and_labels_it_as_ours() -> None:
+    p = provider()
+    parsed = parse_spec(spec(kuberay=RAY))
+    info = p.allocate("digits-a1b2c3", "digits", parsed.cluster, [])
+    body = p.body(info, parsed.cluster)
+    assert body["apiVersion"] == "ray.io/v1" and body["kind"] == "RayCluster"
+    assert body["metadata"] == {
+        "name": "digits-a1b2c3",
+        "namespace": "ml",
+        "labels": {"app.kubernetes.io/managed-by": "raygate", "raygate.io/service": "digits",
+                   "raygate.io/instance": "blue"},
+    }  # fmt: skip
+    # KubeRay's head Service carries only listed ports: raygate lists the two it dials.
+    ray = body["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert ray["ports"] == [
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "serve", "containerPort": 8000},
+    ]
+    assert parsed.cluster.kuberay == RAY  # the user's spec is not changed in place
+    # What KubeRay requires of the object: a DNS-1035 name of at most 53 characters.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", body["metadata"]["name"])
+    assert len(body["metadata"]["name"]) <= 53
+
+
+def test_ports_the_user_listed_are_kept() -> None:
+    ray = copy.deepcopy(RAY)
+    ports = [
+        {"name": "serve", "containerPort": 9000},
+        {"name": "gcs-server", "containerPort": 6379},
+    ]
+    ray["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"] = ports
+    parsed = parse_spec(spec(kuberay=ray))
+    p = provider()
+    body = p.body(p.allocate("digits-000001", "digits", parsed.cluster, []), parsed.cluster)
+    listed = body["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {p["name"]: p["containerPort"] for p in listed} == {
+        "serve": 9000, "gcs-server": 6379, "dashboard": 8265,
+    }  # fmt: skip
+
+
+def ready_object(**status: Any) -> dict[str, Any]:
+    base = {
+        "metadata": {"name": "digits-a1b2c3", "generation": 1, "uid": "u1"},
+        "status": {
+            "observedGeneration": 1,
+            "conditions": [
+                {"type": "HeadPodReady", "status": "True"},
+                {"type": "RayClusterProvisioned", "status": "True"},
+            ],
+            "head": {"podIP": "10.0.0.7", "serviceIP": "10.0.0.7", "podName": "digits-head-x"},
+            "endpoints": {"dashboard": "8265", "serve": "8000", "metrics": "8080"},
+        },
+    }
+    base["status"].update(status)
+    return base
+
+
+def test_ready_needs_both_conditions_and_the_current_generation() -> None:
+    assert readiness(ready_object()) == (True, "")
+    not_head = ready_object(conditions=[
+        {"type": "HeadPodReady", "status": "False", "message": "containers not ready"},
+        {"type": "RayClusterProvisioned", "status": "True"},
+    ])  # fmt: skip
+    assert readiness(not_head) == (False, "HeadPodReady is not True: containers not ready")
+    only_head = ready_object(conditions=[{"type": "HeadPodReady", "status": "True"}])
+    assert readiness(only_head)[0] is False
+    stale = ready_object(observedGeneration=0)
+    assert readiness(stale)[0] is False and "generation 1" in readiness(stale)[1]
+    # Older operators write only the state.
+    old = ready_object(conditions=[], state="ready")
+    assert readiness(old) == (True, "")
+    failed = ready_object(conditions=[], state="failed", reason="pods forbidden: exceeded quota")
+    assert readiness(failed) == (False, "state failed: pods forbidden: exceeded quota")
+    # Where the API server fills in no generation (kmock), the conditions decide.
+    assert readiness({"metadata": {}, "status": ready_object()["status"]}) == (True, "")
+
+
+def test_raygate_dials_the_head_service_ip_while_serve_binds_every_interface() -> None:
+    obj = ready_object(endpoints={"dashboard": "18265", "serve": "18000"})
+    obj["status"]["head"]["serviceIP"] = "10.96.0.9"
+    found = address(obj)
+    assert found == {"dashboard_url": "http://10.96.0.9:18265", "serve_host": "10.96.0.9",
+                     "serve_port": 18000, "bind_host": "0.0.0.0"}  # fmt: skip
+    # KubeRay's defaults when the endpoints leave a port out.
+    obj["status"]["endpoints"] = {"metrics": "8080"}
+    assert address(obj)["serve_port"] == 8000
+    assert address(obj)["dashboard_url"].endswith(":8265")
+    info = ClusterInfo("digits-a1b2c3", "digits", "kuberay", created_at=0, **address(obj))
+    config = serve_config(parse_spec(spec(kuberay=RAY)), info)
+    assert config["http_options"]["host"] == "0.0.0.0"
+    assert config["http_options"]["port"] == 8000
+    assert info.serve_url == "http://10.96.0.9:8000"
+    assert identity(obj) == {"uid": "u1", "head_pod": "digits-head-x"}
+
+
+def status_error(code: int, reason: str, message: str) -> ApiException:
+    exc = ApiException(status=code, reason=reason)
+    exc.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "message": message, "reason": reason, "code": code})  # fmt: skip
+    return exc
+
+
+def test_an_api_refusal_carries_the_servers_own_message_and_is_permanent() -> None:
+    forbidden = 'rayclusters.ray.io is forbidden: User "system:serviceaccount:ml:raygate" cannot'
+    error = api_error(status_error(403, "Forbidden", forbidden), "create", "RayCluster x", "ml")
+    assert error.permanent and error.status == 403
+    assert str(error) == (f"Kubernetes API refused to create RayCluster x in namespace ml: "
+                          f"403 Forbidden: {forbidden}")  # fmt: skip
+    invalid = api_error(status_error(422, "Invalid", "spec.headGroupSpec: Required value"),
+                        "create", "RayCluster x", "ml")  # fmt: skip
+    assert invalid.permanent and "spec.headGroupSpec: Required value" in str(invalid)
+    missing = api_error(
+        ApiException(status=404, reason="Not Found"), "create", "RayCluster x", "ml"
+    )
+    assert missing.permanent and "KubeRay operator installed" in str(missing)
+
+
+@pytest.mark.parametrize("code", [429, 500, 502, 503, 504])
+def test_throttling_and_server_errors_are_transient(code: int) -> None:
+    assert not api_error(
+        ApiException(status=code, reason="x"), "get", "RayCluster x", "ml"
+    ).permanent
+
+
+def test_no_answer_at_all_is_transient() -> None:
+    exc = urllib3.exceptions.MaxRetryError(None, "/apis", "Connection refused")  # type: ignore[arg-type]
+    error = api_error(exc, "get", "RayCluster x", "ml")
+    assert not error.permanent and "unreachable" in str(error)
+
+
+async def test_a_cluster_whose_start_never_finished_is_dead_to_the_planner() -> None:
+    """No address was recorded (raygate was killed while KubeRay started it): the planner
+    then deletes it and starts a fresh one, as for a local cluster whose start broke."""
+    p = provider()
+    info = p.allocate("digits-a1b2c3", "digits", parse_spec(spec(kuberay=RAY)).cluster, [])
+    assert await p.liveness(info) is Liveness.DEAD
+    await p.close()
+
+
+# ---- push-time checks ------------------------------------------------------------------
+def problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(raw)
+    return caught.value.problems
+
+
+def test_local_fields_and_kuberay_are_mutually_exclusive() -> None:
+    found = problems(spec(kuberay=RAY, num_cpus=4, env={"A": "1"}))
+    assert [f for f, _ in found] == ["cluster.num_cpus", "cluster.env"]
+    assert "local-provider field" in found[0][1]
+    # A spec read back from raygate's status (defaults written out) pushes again.
+    parse_spec(spec(kuberay=RAY, num_cpus=2, env={}, object_store_memory_mb=200))
+
+
+@pytest.mark.parametrize(
+    ("ray", "field"),
+    [
+        ({"rayVersion": "2.60.0"}, "cluster.kuberay.headGroupSpec"),
+        ({"headGroupSpec": {"template": {"spec": {"containers": []}}}},
+         "cluster.kuberay.headGroupSpec.template.spec.containers"),
+        ({"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray"}]}}}},
+         "cluster.kuberay.headGroupSpec.template.spec.containers[0].image"),
+        ({**RAY, "metadata": {"name": "x"}}, "cluster.kuberay.metadata"),
+        ({"headGroupSpec": {**HEAD, "rayStartParams": {"num-cpus": 2}}},
+         "cluster.kuberay.headGroupSpec.rayStartParams"),
+        ({"headGroupSpec": {"template": {"spec": {"containers": [
+            {"image": "ray", "ports": [{"name": "serve", "containerPort": "8000"}]}]}}}},
+         "cluster.kuberay.headGroupSpec.template.spec.containers[0].ports"),
+    ],
+)  # fmt: skip
+def test_a_kuberay_spec_missing_what_kuberay_needs_is_refused_by_field(
+    ray: dict[str, Any], field: str
+) -> None:
+    assert field in [f for f, _ in problems(spec(kuberay=ray))]
+
+
+def test_each_provider_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    kuberay = parse_spec(spec(kuberay=RAY))
+    local = parse_spec(spec())
+    assert provider().check(kuberay) == []
+    assert [f for f, _ in provider().check(local)] == ["cluster.kuberay"]
+    digit_first = parse_spec({**spec(kuberay=RAY), "name": "9digits"})
+    assert [f for f, _ in provider().check(digit_first)] == ["name"]
+    on_this_machine = LocalProvider(LocalSettings(tmp_path))
+    assert on_this_machine.check(local) == []
+    assert [f for f, _ in on_this_machine.check(kuberay)] == ["cluster.kuberay"]
+
+
+def test_a_revision_stored_before_the_kuberay_field_keeps_its_hashes() -> None:
+    """The hashes of a spec without `kuberay` are what raygate computed before the field
+    existed: an upgraded raygate must not see every service as changed."""
+    import hashlib
+
+    parsed = parse_spec(spec(num_cpus=2))
+    before = {"num_cpus": 2, "object_store_memory_mb": 200, "env": {}, "code_dir": None,
+              "python": None}  # fmt: skip
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert parsed.cluster_hash() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert parse_spec(spec(kuberay=RAY)).cluster_hash() != parsed.cluster_hash()
