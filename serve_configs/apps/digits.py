@@ -39,8 +39,9 @@ class DigitsClassifier:
         self.accuracy = float(self.estimator.score(x_test, y_test))
         self.train_seconds = time.perf_counter() - started
         self.label = "default"
-        # Which cluster answered: raygate sets RAYGATE_CLUSTER in every Ray process it starts.
-        self.cluster = os.environ.get("RAYGATE_CLUSTER", "")
+        # Which cluster answered: raygate sets RAYGATE_CLUSTER in every Ray process it starts
+        # locally; KubeRay sets RAY_CLUSTER_NAME (the RayCluster's name) in every Ray container.
+        self.cluster = os.environ.get("RAYGATE_CLUSTER") or os.environ.get("RAY_CLUSTER_NAME", "")
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.label = str(config.get("label", "default"))
