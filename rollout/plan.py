@@ -565,9 +565,7 @@ def _drain_s(*revisions: Revision | None) -> float:
     return max([known[0].upgrade.drain_timeout_s, *(s.gateway.timeout_s for s in known)])
 
 
-def _promote(
-    b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float
-) -> None:
+def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float) -> None:
     old = b.state.active
     retiring = b.state.retiring
     revision = revisions[p.revision]

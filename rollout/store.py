@@ -279,9 +279,7 @@ class Store:
         """Write one decision, if the service is still at `version`; else raise Conflict and
         write nothing."""
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT version FROM services WHERE name=?", (state.name,)
-            ).fetchone()
+            row = db.execute("SELECT version FROM services WHERE name=?", (state.name,)).fetchone()
             if row is None or int(row[0]) != version:
                 raise Conflict(f"{state.name} changed since it was loaded")
             if gone:
@@ -325,8 +323,7 @@ class Store:
     def update_cluster(self, info: ClusterInfo, state: ClusterState) -> None:
         """New facts about a cluster (its PIDs once started); a mark for deletion stays."""
         self._db.execute(
-            "UPDATE clusters SET info=?, state=CASE WHEN state=? THEN state ELSE ? END "
-            "WHERE id=?",
+            "UPDATE clusters SET info=?, state=CASE WHEN state=? THEN state ELSE ? END WHERE id=?",
             (info.to_json(), ClusterState.DELETING.value, state.value, info.id),
         )
 
@@ -345,4 +342,3 @@ class Store:
             "SELECT at, text FROM events WHERE service=? ORDER BY id DESC LIMIT ?", (name, limit)
         ).fetchall()
         return [{"at": at, "text": text} for at, text in reversed(rows)]
-
