@@ -315,6 +315,10 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         raise StartFailed(f"the {settings.provider} provider cannot start: {exc}") from None
     conflicts += [f"{spec.name}: {field}: {problem}"
                   for spec in specs for field, problem in provider.check(spec)]  # fmt: skip
+    others = sorted({i.provider for i, _ in store.clusters() if i.provider != provider.name})
+    if others:  # one provider per state dir: another's records mean nothing to this one
+        conflicts.append(f"{state_dir} holds clusters of the {', '.join(others)} provider; "
+                         f"start it with that --provider, or use another --state-dir")  # fmt: skip
     if conflicts:
         await provider.close()
         store.close()
@@ -398,6 +402,14 @@ async def run_down(state_dir: Path, drain_timeout_s: float = 30.0) -> int:
         return 1
     lock = StateDirLock(state_dir)  # no `raygate up` may start meanwhile either
     try:
+        store = Store(state_dir / "raygate.db")
+        remote = sorted(i.id for i, _ in store.clusters() if i.provider != LocalProvider.name)
+        store.close()
+        if remote:  # they outlive raygate by design: only `raygate delete NAME` removes them
+            log.error("%s holds clusters `raygate down` does not stop (%s): remove them "
+                      "with `raygate delete NAME` while raygate runs",
+                      state_dir, ", ".join(remote))  # fmt: skip
+            return 1
         await _tear_down(state_dir, drain_timeout_s)
     finally:
         lock.release()
