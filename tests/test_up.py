@@ -293,3 +293,55 @@ async def test_a_port_in_use_is_a_failed_start_that_tears_nothing_down(
         with pytest.raises(StartFailed, match="admin API could not start"):
             await run_up(settings, [])
     assert stops == [False]
+
+
+def _store_with_cluster(state_dir: Path, provider: str) -> None:
+    from rollout.providers.base import ClusterInfo
+    from rollout.spec import load_spec_file
+
+    state_dir.mkdir(parents=True)
+    store = Store(state_dir / "raygate.db")
+    try:
+        store.push(load_spec_file(write_spec(state_dir / "a.yaml", "alpha", "/a")), 1.0)
+        loaded = store.load_versioned("alpha")
+        assert loaded is not None
+        info = ClusterInfo("alpha-a1b2c3", "alpha", provider, "", "", 0, 0.0,
+                           {"namespace": "ml", "name": "alpha-a1b2c3"})  # fmt: skip
+        store.commit(loaded[0], [], [], 1.0, version=loaded[1], new_clusters=[info])
+    finally:
+        store.close()
+
+
+def test_up_refuses_a_state_dir_holding_another_providers_clusters(tmp_path: Path) -> None:
+    """A kuberay record means nothing to the local provider (nor the reverse): starting on
+    it would read its liveness wrong and delete what it cannot find."""
+    state_dir = tmp_path / "state"
+    _store_with_cluster(state_dir, "kuberay")
+    code, out = exit_of(up(state_dir), within_s=30)
+    assert code == 2, out
+    assert "holds clusters of the kuberay provider" in out, out
+
+
+def test_down_never_drops_rayclusters_it_cannot_stop(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    _store_with_cluster(state_dir, "kuberay")
+    out = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "down", "--state-dir", str(state_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1 and "raygate delete NAME" in out.stderr, out.stderr
+    store = Store(state_dir / "raygate.db")
+    try:
+        assert [info.id for info, _ in store.clusters()] == ["alpha-a1b2c3"]
+    finally:
+        store.close()
+
+
+def test_up_refuses_a_kuberay_spec_under_the_local_provider(tmp_path: Path) -> None:
+    raw = yaml.safe_load(write_spec(tmp_path / "a.yaml", "alpha", "/a").read_text())
+    raw["cluster"] = {"kuberay": {"headGroupSpec": {"template": {"spec": {"containers": [
+        {"name": "ray-head", "image": "rayproject/ray:2.60.0"}]}}}}}  # fmt: skip
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
+    code, out = exit_of(up(tmp_path / "state", tmp_path / "a.yaml"), within_s=30)
+    assert code == 2, out
+    assert "alpha: cluster.kuberay: this raygate runs the local provider" in out, out
