@@ -382,8 +382,19 @@ class Controller:
 
     async def _create(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()
+        # The health gate's clock runs from the decision; a start that outlasts it has failed
+        # (a RayCluster whose pods cannot be scheduled would otherwise block this service's
+        # loop for the provider's own, longer, timeout).
+        limit = revision.spec.upgrade.health.timeout_s
         try:
-            info = await self.provider.start(info, revision.spec.cluster)
+            async with asyncio.timeout(limit):
+                info = await self.provider.start(info, revision.spec.cluster)
+        except TimeoutError:
+            log.error("creating %s: not started within %gs", info.id, limit)
+            self._errors[(info.id, revision.number)] = (
+                f"cluster start failed: not started within the health timeout ({limit:g}s)"
+            )
+            return
         except ProviderError as exc:
             log.error("creating %s failed: %s", info.id, exc)
             if exc.permanent:

@@ -118,6 +118,10 @@ class ProviderDouble:
     delete_failures: int = 0  # the next N deletes raise
     started: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    keeps_clusters: bool = False
+
+    def check(self, spec: ServiceSpec) -> list[tuple[str, str]]:
+        return []
 
     def allocate(
         self, cluster_id: str, service: str, spec: ClusterSpec, taken: Sequence[ClusterInfo]
@@ -275,6 +279,22 @@ async def test_an_unexpected_start_error_aborts_instead_of_retrying_forever(rig:
     await rig.tick(3)
     assert rig.status() == (None, None, "aborted")
     assert "illegal environment variable name" in rig.last_message()
+
+
+async def test_a_start_that_outlasts_the_health_timeout_aborts_and_frees_the_loop(
+    rig: Rig,
+) -> None:
+    """A RayCluster whose pods are never scheduled: the provider would wait its own, longer,
+    timeout, blocking the service's loop; the health gate's timeout ends it."""
+    rig.provider.hold_start = asyncio.Event()  # never set: the start never returns
+    raw = make_spec().to_json()
+    raw["upgrade"]["health"]["timeout_s"] = 0.3
+    rig.store.push(parse_spec(raw), rig.clock.now)
+    await asyncio.wait_for(rig.tick(2), 10)
+    assert rig.status() == (None, None, "aborted")
+    assert rig.last_message() == (
+        "cluster start failed: not started within the health timeout (0.3s)"
+    )
 
 
 async def test_no_free_slot_reaches_the_status_as_a_clear_message(rig: Rig) -> None:

@@ -58,6 +58,7 @@ class KubeRaySettings:
     request_timeout_s: float = 10.0
     attempts: int = 5  # per API call, for transient errors
     backoff_s: float = 0.5
+    replica_failure_s: float = 30.0  # KubeRay's ReplicaFailure this long fails the start
 
 
 class KubeApiError(ProviderError):
@@ -183,18 +184,32 @@ class KubeRayProvider:
                 raise ProviderError(f"a RayCluster named {name} exists in {namespace} and is "
                                     "not this raygate's") from None  # fmt: skip
         log.info("RayCluster %s/%s created; waiting for KubeRay", namespace, name)
-        deadline = time.monotonic() + self.settings.start_timeout_s
-        why = "not reported yet"
+        began = time.monotonic()
+        deadline = began + self.settings.start_timeout_s
+        why, said, failing_since = "not reported yet", "", None
         while True:
             obj = await self._get(name, namespace)
             if obj is None:
                 raise ProviderError(f"RayCluster {name} was deleted while it started")
+            failure = replica_failure(obj)
+            if failure is None:
+                failing_since = None
+            elif failing_since is None:
+                failing_since = time.monotonic()
+            elif time.monotonic() - failing_since >= self.settings.replica_failure_s:
+                # KubeRay cannot create the pods (quota, an admission webhook, ...): that
+                # rarely heals by itself, and the status must say why.
+                raise ProviderError(f"KubeRay cannot create the pods of RayCluster {name}: "
+                                    f"{failure}")  # fmt: skip
             ready, why = readiness(obj)
             if ready:
                 started = replace(info, **address(obj), data={**info.data, **identity(obj)})
                 if await self._api_up(started):
                     return started
                 why = "head pod ready; the dashboard does not answer yet"
+            if why != said:  # what it waits for, once each time it changes
+                log.info("RayCluster %s (%.0fs): %s", name, time.monotonic() - began, why)
+                said = why
             if time.monotonic() > deadline:
                 raise ProviderError(
                     f"RayCluster {name} not ready within {self.settings.start_timeout_s:g}s: {why}",
@@ -352,15 +367,24 @@ def readiness(obj: dict[str, Any]) -> tuple[bool, str]:
             if cond.get("status") != "True":
                 why = cond.get("message") or cond.get("reason") or "not reported"
                 return False, f"{kind} is not True: {why}"
-        failure = conditions.get("ReplicaFailure", {})
-        if failure.get("status") == "True":  # pods KubeRay could not create (quota, ...)
-            log.warning("RayCluster %s: %s", meta.get("name"), failure.get("message"))
         return True, ""
     state = status.get("state")
     if state == "ready":
         return True, ""
     reason = status.get("reason")
     return False, f"state {state or 'not reported'}" + (f": {reason}" if reason else "")
+
+
+def replica_failure(obj: dict[str, Any]) -> str | None:
+    """Why KubeRay could not create the cluster's pods, if it says so: the `ReplicaFailure`
+    condition, or `status.reason` where an older operator writes only that."""
+    status = obj.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return str(cond.get("message") or cond.get("reason") or "ReplicaFailure")
+    if status.get("state") == "failed" and status.get("reason"):
+        return str(status["reason"])
+    return None
 
 
 def address(obj: dict[str, Any]) -> dict[str, Any]:
