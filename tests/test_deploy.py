@@ -355,6 +355,40 @@ def pod_problems(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def wiring_problems(docs: list[Doc]) -> list[str]:
+    """What schemas cannot see: every namespaced object in the one namespace, the Deployment's
+    selector matching its pods, each Service selecting the pod and a port it has."""
+    namespace = kustomization()["namespace"]
+    problems = [
+        f"{d['kind']}/{d['metadata']['name']} is in {d['metadata'].get('namespace')}"
+        for d in docs
+        if d["kind"] != "Namespace" and d["metadata"].get("namespace") != namespace
+    ]
+    if one(docs, "Namespace")["metadata"]["name"] != namespace:
+        problems.append("the Namespace is not kustomization.yaml's namespace")
+    dep = one(docs, "Deployment")
+    labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    if not dep["spec"]["selector"].get("matchLabels", {}).items() <= labels.items():
+        problems.append("the Deployment's selector does not match its pod template")
+    ports = {p["name"] for p in container(docs).get("ports", [])}
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        name = svc["metadata"]["name"]
+        if not svc["spec"].get("selector") or not svc["spec"]["selector"].items() <= labels.items():
+            problems.append(f"Service {name} does not select raygate's pod")
+        for p in svc["spec"]["ports"]:
+            if p.get("targetPort") not in ports:
+                problems.append(f"Service {name} targets {p.get('targetPort')!r}, not a named port")
+    return problems
+
+
+def test_the_readme_writes_the_token_key_the_pod_reads() -> None:
+    readme = (ROOT / "README.md").read_text()
+    written = re.findall(
+        r'print\("(\w+)=" \+ secrets\.token_urlsafe\(32\)\)\' > deploy/token\.env', readme
+    )
+    assert written == [token_key(manifests())]
+
+
 # ---------------------------------------------------------------- deploy/ as it is
 
 
@@ -392,6 +426,10 @@ def test_role_grants_exactly_what_the_kuberay_provider_needs() -> None:
 
 def test_container_runs_the_kuberay_provider_with_its_state_on_the_volume() -> None:
     assert args_problems(manifests()) == []
+
+
+def test_objects_are_wired_to_each_other() -> None:
+    assert wiring_problems(manifests()) == []
 
 
 def test_pod_is_single_non_root_and_read_only() -> None:
@@ -522,6 +560,14 @@ BROKEN: list[tuple[str, Callable[[list[Doc]], None], Callable[[list[Doc]], list[
     ("fixed namespace", _arg("--namespace", "default"), args_problems),
     ("state on the tmp dir", _arg("--state-dir", "/tmp/state"), args_problems),
     ("admin on loopback", _arg("--admin-host", "127.0.0.1"), args_problems),
+    ("other namespace", _set("Role.metadata.namespace", "default"), wiring_problems),
+    (
+        "selector typo",
+        _set("Service.spec.selector", {"app.kubernetes.io/name": "raygat"}),
+        wiring_problems,
+    ),
+    ("unknown target port", _set("Service.spec.ports.0.targetPort", "metrics"), wiring_problems),
+    ("no selector", _set("Service.spec.selector", DELETE), wiring_problems),
     ("two replicas", _set("Deployment.spec.replicas", 2), pod_problems),
     ("rolling update", _set("Deployment.spec.strategy.type", "RollingUpdate"), pod_problems),
     ("short grace", _set(POD + ".terminationGracePeriodSeconds", 10), pod_problems),
