@@ -29,6 +29,8 @@ Limits that remain (the tests must not rely on the real behaviour here):
   merge patch only, RFC 7386 style (lists replaced whole, null deletes a key);
 - no `resourceVersion` preconditions or conflicts (409 on a stale update never happens), no
   `Expired`/410 on a too-old watch, no bookmarks, no paging (`limit`/`continue` ignored);
+- no history: a watch from a `resourceVersion` sends what changes after it starts, not the
+  changes made between that version and its start (objects still there are not re-sent);
 - no admission, no schema validation of objects (a RayCluster with any spec is stored), no
   defaulting, no RBAC beyond the one token check, no garbage collection of owned objects;
   deletion is immediate unless `metadata.finalizers` is set (kmock handles those);
@@ -97,7 +99,9 @@ _ACTION_VERBS = {
 _GROUP_KINDS = {"": "", "ray.io": ".ray.io", "events.k8s.io": ".events.k8s.io"}
 
 
-def status_object(code: int, message: str, reason: str | None = None, **details: Any) -> dict[str, Any]:
+def status_object(
+    code: int, message: str, reason: str | None = None, **details: Any
+) -> dict[str, Any]:
     """A Kubernetes `Status` (kind Status, apiVersion v1), as the API server sends on errors."""
     return {
         "kind": "Status",
@@ -111,9 +115,13 @@ def status_object(code: int, message: str, reason: str | None = None, **details:
     }
 
 
-def _status_response(code: int, message: str, reason: str | None = None, **details: Any) -> aiohttp.web.Response:
+def _status_response(
+    code: int, message: str, reason: str | None = None, **details: Any
+) -> aiohttp.web.Response:
     headers = {"Retry-After": "1"} if code == 429 else None
-    return aiohttp.web.json_response(status_object(code, message, reason, **details), status=code, headers=headers)
+    return aiohttp.web.json_response(
+        status_object(code, message, reason, **details), status=code, headers=headers
+    )
 
 
 @dataclass
@@ -183,7 +191,9 @@ def _field_filter(text: str) -> dict[str, str]:
     return wanted
 
 
-def _selected(obj: dict[str, Any], labels: list[tuple[str, str, set[str]]], fields: dict[str, str]) -> bool:
+def _selected(
+    obj: dict[str, Any], labels: list[tuple[str, str, set[str]]], fields: dict[str, str]
+) -> bool:
     meta = obj.get("metadata") or {}
     if not labels_match(meta.get("labels") or {}, labels):
         return False
@@ -209,12 +219,20 @@ class _Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         auth = request.headers.get("Authorization", "")
-        user = self.tokens.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
+        user = (
+            self.tokens.get(auth.removeprefix("Bearer ").strip())
+            if auth.startswith("Bearer ")
+            else None
+        )
         if user is None:
             return _status_response(401, "Unauthorized")
         if request.resource is None:
             return await super()._handle(request)
-        if request.method == enums.method.GET and request.params.get("watch") in ("True", "1", "true"):
+        if request.method == enums.method.GET and request.params.get("watch") in (
+            "True",
+            "1",
+            "true",
+        ):
             # kmock matches its reactions against the recorded requests by identity.
             watch = attrs.evolve(request, action=enums.action.WATCH)
             self._requests[:] = [watch if r is request else r for r in self._requests]
@@ -223,7 +241,11 @@ class _Emulator(kmock.KubernetesEmulator):
             return _status_response(405, "PUT (replace) is not supported by the kmock emulator")
         if (fault := self._take_fault(request, user)) is not None:
             return _status_response(
-                fault.status, fault.message, fault.reason, name=request.name or "", kind=request.resource.plural or ""
+                fault.status,
+                fault.message,
+                fault.reason,
+                name=request.name or "",
+                kind=request.resource.plural or "",
             )
         try:
             if request.action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
@@ -245,12 +267,18 @@ class _Emulator(kmock.KubernetesEmulator):
         with self.faults_lock:
             for fault in self.faults:
                 resource_ok = fault.resource == request.resource.plural
-                if fault.verb == verb and resource_ok and (fault.times is None or fault.served < fault.times):
+                if (
+                    fault.verb == verb
+                    and resource_ok
+                    and (fault.times is None or fault.served < fault.times)
+                ):
                     fault.served += 1
                     return fault
         return None
 
-    def _real_error(self, exc: kmock.KubernetesError, request: rendering.Request) -> kmock.KubernetesError:
+    def _real_error(
+        self, exc: kmock.KubernetesError, request: rendering.Request
+    ) -> kmock.KubernetesError:
         """kmock's errors with the reasons and messages a real API server sends."""
         assert request.resource is not None
         what = f"{request.resource.plural}{_GROUP_KINDS.get(request.resource.group or '', '')}"
@@ -259,15 +287,23 @@ class _Emulator(kmock.KubernetesEmulator):
         if exc.status == 404:
             if isinstance(exc, kmock.KubernetesObjectNotFoundError):
                 return kmock.KubernetesError(404, "NotFound", f'{what} "{name}" not found', details)
-            return kmock.KubernetesError(404, "NotFound", "the server could not find the requested resource")
+            return kmock.KubernetesError(
+                404, "NotFound", "the server could not find the requested resource"
+            )
         if exc.status == 409:
-            return kmock.KubernetesError(409, "AlreadyExists", f'{what} "{name}" already exists', details)
+            return kmock.KubernetesError(
+                409, "AlreadyExists", f'{what} "{name}" already exists', details
+            )
         return exc
 
     def _amend_write(self, request: rendering.Request) -> aiohttp.web.Response | None:
         """Fill in, before kmock stores it, what a real API server owns in an object."""
         assert request.resource is not None
-        key = f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip("/")
+        key = (
+            f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip(
+                "/"
+            )
+        )
         has_status = "status" in RESOURCES.get(key, {}).get("subresources", set())
         data = request.data
         if request.action == enums.action.CREATE:
@@ -293,7 +329,9 @@ class _Emulator(kmock.KubernetesEmulator):
             return None
         content_type = request.headers.get("Content-Type", "")
         if "json-patch" in content_type or "strategic-merge-patch" in content_type:
-            return _status_response(415, f"the emulator supports only merge patch, not {content_type}")
+            return _status_response(
+                415, f"the emulator supports only merge patch, not {content_type}"
+            )
         if not isinstance(data, dict):
             return _status_response(400, "the body of the request was not a JSON object")
         if request.subresource == "status":
@@ -307,7 +345,14 @@ class _Emulator(kmock.KubernetesEmulator):
         old = copy.deepcopy(existing.raw)
         meta = data.setdefault("metadata", {}) if isinstance(data.get("metadata"), dict) else {}
         data["metadata"] = meta
-        for field in ("uid", "generation", "resourceVersion", "creationTimestamp", "namespace", "name"):
+        for field in (
+            "uid",
+            "generation",
+            "resourceVersion",
+            "creationTimestamp",
+            "namespace",
+            "name",
+        ):
             meta.pop(field, None)
         new = dicts.patch_dict(copy.deepcopy(old), data)
         body = {k: v for k, v in new.items() if k not in ("metadata", "status")}
@@ -332,7 +377,11 @@ class _Emulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(400, "BadRequest", str(exc)) from exc
         payload = await super()._serve_list(request)
         assert isinstance(payload, dict) and request.resource is not None
-        info = RESOURCES.get(f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip("/"))
+        info = RESOURCES.get(
+            f"{request.resource.group}/{request.resource.version}/{request.resource.plural}".lstrip(
+                "/"
+            )
+        )
         return {
             "apiVersion": f"{request.resource.group}/{request.resource.version}".lstrip("/"),
             "kind": f"{info['kind']}List" if info else "List",
@@ -383,7 +432,9 @@ class KubeApi:
         self.token = "raygate-" + uuid.uuid4().hex
         self.operator_token = "kuberay-" + uuid.uuid4().hex
         self.kubeconfig = directory / "kubeconfig"
-        self._emulator = _Emulator(tokens={self.token: "raygate", self.operator_token: "kuberay-operator"})
+        self._emulator = _Emulator(
+            tokens={self.token: "raygate", self.operator_token: "kuberay-operator"}
+        )
         for key, info in RESOURCES.items():
             self._emulator.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
         self._loop = asyncio.new_event_loop()
@@ -413,9 +464,11 @@ class KubeApi:
         # aiohttp's low-level server, not kmock.Server: that one patches aiohttp's resolver
         # process-wide, which other aiohttp users in this process do not need.
         async with self._emulator:
-            runner = aiohttp.web.ServerRunner(aiohttp.web.Server(self._emulator), handle_signals=False)
+            runner = aiohttp.web.ServerRunner(
+                aiohttp.web.Server(self._emulator), handle_signals=False, shutdown_timeout=0.5
+            )
             await runner.setup()
-            site = aiohttp.web.SockSite(runner, self._sock, shutdown_timeout=0.5)
+            site = aiohttp.web.SockSite(runner, self._sock)
             await site.start()
             self._ready.set()
             try:
@@ -440,7 +493,14 @@ class KubeApi:
             "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
             "users": [{"name": "raygate", "user": {"token": self.token}}],
             "contexts": [
-                {"name": "emulated", "context": {"cluster": "emulated", "user": "raygate", "namespace": self.namespace}}
+                {
+                    "name": "emulated",
+                    "context": {
+                        "cluster": "emulated",
+                        "user": "raygate",
+                        "namespace": self.namespace,
+                    },
+                }
             ],
             "current-context": "emulated",
         }
@@ -461,7 +521,9 @@ class KubeApi:
         patch, delete) on `resource` answers a `Status` with HTTP `status`."""
         if verb not in _ACTION_VERBS.values():
             raise ValueError(f"unknown verb {verb!r}")
-        fault = Fault(verb, status, message, reason or REASONS.get(status, "Unknown"), resource, times)
+        fault = Fault(
+            verb, status, message, reason or REASONS.get(status, "Unknown"), resource, times
+        )
         with self._emulator.faults_lock:
             self._emulator.faults.append(fault)
         return fault
@@ -471,7 +533,9 @@ class KubeApi:
             self._emulator.faults.clear()
 
     # ---- direct access for assertions (bypasses the API, no faults) -----------------------
-    def stored(self, name: str, namespace: str | None = None, resource: str = RAYCLUSTERS) -> dict[str, Any] | None:
+    def stored(
+        self, name: str, namespace: str | None = None, resource: str = RAYCLUSTERS
+    ) -> dict[str, Any] | None:
         """The stored object, or None when absent/deleted."""
 
         async def read() -> dict[str, Any] | None:
