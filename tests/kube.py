@@ -20,6 +20,9 @@ a kmock quirk:
   `timeoutSeconds` ends a watch; `resourceVersion` on a watch skips older replayed objects;
 - errors are Kubernetes `Status` objects with the real reasons (`NotFound`, `AlreadyExists`,
   `Unauthorized`, ...); a request without the bearer token is 401.
+- a 429 carries `Retry-After: 1`, as API Priority and Fairness sends it. Measured: urllib3
+  under the kubernetes client then retries a GET/list by itself (3 times, 1 s apart), so a
+  `fail("list", 429, times=1)` never reaches the caller; a standing one does after ~3 s.
 - `fail()` injects API errors (403 RBAC, 422 Invalid, 429, 5xx) for the raygate user only:
   the KubeRay stand-in authenticates with a token of its own, as the operator's service
   account would, and is never hit by them.

@@ -4,7 +4,9 @@ The Ray-free parts are fast and unmarked; the ones that start a real Ray head ar
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -466,16 +468,31 @@ def test_a_raycluster_gets_a_real_head_and_loses_it_on_delete(
     )  # type: ignore[index]
 
     co.delete_namespaced_custom_object(*RC, NS, "rayclusters", "clash-000002")
+    _ip, pids = standin.heads()["alpha-000001"]
+    session = os.getsid(gcs)  # `ray start` ran in a new session: every process of the head
+    members = session_members(session)
+    assert members and members <= set(pids)
     deleted = time.monotonic()
     co.delete_namespaced_custom_object(*RC, NS, "rayclusters", "alpha-000001")
-    pods = {p for p in standin_processes(standin.owner).values()}
-    assert pods <= {head["podName"]}
     until(lambda: not standin_processes(standin.owner), 60, "every head process gone")
     print(
         f"delete -> every process gone: {time.monotonic() - deleted:.1f} s ({len(pids)} processes)"
     )
     assert standin.heads() == {}
     assert not [p for p in pids if _alive(p)]
+    assert not session_members(session)  # also what the markers might have missed
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{head['serviceIP']}:8265/api/version", trust_env=False)
+
+
+def session_members(sid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid and _alive(int(entry)):
+                    found.add(int(entry))
+    return found
 
 
 @pytest.mark.ray
@@ -493,10 +510,15 @@ def test_a_killed_head_is_restarted_in_place_like_a_container(
     until(lambda: (c := head_ready()) and c["status"] == "True", 120, "ready")
     ip, before = standin.heads()["alpha-000001"]
     session = httpx.get(f"http://{ip}:8265/api/version", trust_env=False).json()["session_name"]
+    killed_at = time.monotonic()
     killed = standin.kill_head("alpha-000001")
     assert killed == before
     until(lambda: (c := head_ready()) and c["status"] == "False", 10, "not ready after the kill")
+    down = time.monotonic() - killed_at
     until(lambda: (c := head_ready()) and c["status"] == "True", 120, "ready after the restart")
+    back = time.monotonic() - killed_at
+    print(f"kill -> HeadPodReady False: {down:.1f} s, True again: {back:.1f} s")
+    assert not [p for p in before if _alive(p)]
     ip_after, after = standin.heads()["alpha-000001"]
     assert ip_after == ip and not set(after) & set(before)
     assert (
