@@ -248,7 +248,7 @@ class _Emulator(kmock.KubernetesEmulator):
                 fault.message,
                 fault.reason,
                 name=request.name or "",
-                kind=request.resource.plural or "",
+                kind=fault.resource,
             )
         try:
             if request.action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
@@ -365,7 +365,8 @@ class _Emulator(kmock.KubernetesEmulator):
         return None
 
     def _existing(self, request: rendering.Request) -> kmock.Object | None:
-        assert request.resource is not None
+        if request.resource is None or request.name is None:
+            return None
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:
             return None
@@ -417,8 +418,10 @@ class _Emulator(kmock.KubernetesEmulator):
                 if rv > since and _selected(obj, labels, fields):
                     yield event
         finally:
-            with contextlib.suppress(Exception):
-                await events.aclose()
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
 
 # ---- the server in its own thread --------------------------------------------------------
@@ -555,7 +558,7 @@ class KubeApi:
         """(HTTP method, path with query, user agent) of every request served so far."""
         return [
             (str(r.method.value), str(r.url.path_qs), r.headers.get("User-Agent", ""))
-            for r in list(self._emulator.requests)
+            for r in list(self._emulator)  # a kmock handler iterates over its requests
         ]
 
 

@@ -144,9 +144,8 @@ def validate(obj: dict[str, Any]) -> tuple[str, str] | None:
         err = "RayCluster name should be a valid DNS1035 label: [a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character]"  # noqa: E501
         return "InvalidRayClusterMetadata", f"The RayCluster metadata is invalid {where}: {err}"
     spec = obj.get("spec") or {}
-    err = _spec_error(spec)
-    if err:
-        return "InvalidRayClusterSpec", f"The RayCluster spec is invalid {where}: {err}"
+    if spec_err := _spec_error(spec):
+        return "InvalidRayClusterSpec", f"The RayCluster spec is invalid {where}: {spec_err}"
     return None
 
 

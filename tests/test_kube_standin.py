@@ -135,6 +135,8 @@ def test_kubeconfig_loads_with_the_namespace_and_crud_works(kube: KubeApi) -> No
         create(co, raycluster("beta-000002"))
     assert taken.value.status == 409 and json.loads(taken.value.body)["reason"] == "AlreadyExists"
     assert client.CoreV1Api().list_namespaced_pod(NS).items == []
+    posts = [path for method, path, _agent in kube.requests() if method == "POST"]
+    assert posts[0] == f"/apis/ray.io/v1/namespaces/{NS}/rayclusters"
 
 
 def test_the_server_fills_in_metadata_like_a_real_api_server(kube: KubeApi) -> None:
@@ -160,6 +162,9 @@ def test_the_server_fills_in_metadata_like_a_real_api_server(kube: KubeApi) -> N
     assert respec["metadata"]["generation"] == 2
     assert respec["metadata"]["uid"] == meta["uid"]
     assert respec["spec"]["headGroupSpec"] == forged["spec"]["headGroupSpec"]  # merge patch
+    stored = kube.stored("alpha-000001")
+    assert stored is not None and stored["metadata"] == respec["metadata"]
+    assert kube.stored("nothing-here") is None
 
 
 def test_status_is_a_subresource(kube: KubeApi) -> None:
@@ -391,7 +396,12 @@ def test_an_invalid_raycluster_gets_a_warning_event_and_no_status_or_head(
         ("Warning", "InvalidRayClusterMetadata", "x" * 54)
     ]
     assert "no more than 53 characters" in events[0]["note"]
-    time.sleep(0.5)  # several reconcile rounds: still nothing (asserting an absence)
+
+    def rounds() -> int:  # the stand-in lists cluster-wide, raygate per namespace
+        return sum(path == "/apis/ray.io/v1/rayclusters" for _m, path, _a in api.requests())
+
+    seen = rounds()
+    until(lambda: rounds() >= seen + 3, 5, "three more reconcile rounds")
     assert "status" not in co.get_namespaced_custom_object(*RC, NS, "rayclusters", "x" * 54)
     assert standin.heads() == {}
     assert len(co.list_namespaced_custom_object("events.k8s.io", "v1", NS, "events")["items"]) == 1
@@ -457,15 +467,15 @@ def test_a_raycluster_gets_a_real_head_and_loses_it_on_delete(
     assert b"RAY_CLUSTER_NAME=alpha-000001" in environ
     assert not [v for v in environ if v.startswith(b"RAYGATE_")]
 
+    def head_pod_ready() -> str:
+        found = condition(get("alpha-000001"), "HeadPodReady")
+        return "" if found is None else str(found["status"])
+
     standin.set_head_ready("alpha-000001", False)
-    until(
-        lambda: condition(get("alpha-000001"), "HeadPodReady")["status"] == "False", 5, "not ready"
-    )  # type: ignore[index]
+    until(lambda: head_pod_ready() == "False", 5, "not ready")
     assert get("alpha-000001")["status"]["state"] == "ready"  # KubeRay keeps it
     standin.set_head_ready("alpha-000001", True)
-    until(
-        lambda: condition(get("alpha-000001"), "HeadPodReady")["status"] == "True", 5, "ready again"
-    )  # type: ignore[index]
+    until(lambda: head_pod_ready() == "True", 5, "ready again")
 
     co.delete_namespaced_custom_object(*RC, NS, "rayclusters", "clash-000002")
     _ip, pids = standin.heads()["alpha-000001"]
