@@ -94,7 +94,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from rollout.providers.local import _alive, _claimed_ancestor, _is_gcs
+from rollout.providers.local import _alive, _claimed_ancestor, _is_gcs, _port_free
 from tests.kube import KubeApi
 
 log = logging.getLogger("tests.kuberay_standin")
@@ -375,9 +375,13 @@ class KubeRayStandIn:
                 self._write_blocked(key, obj, serve_port, users[0])
                 return None
             taken = {h.ip for h in self._heads.values()}
-            slot = next(
-                (i for i in range(MAX_PODS) if f"127.0.0.{FIRST_IP + i}" not in taken), None
+            dashboard = ports.get("dashboard", DEFAULT_PORTS["dashboard"])
+            free = (
+                i
+                for i in range(MAX_PODS)
+                if f"127.0.0.{FIRST_IP + i}" not in taken and _slot_free(i, dashboard)
             )
+            slot = next(free, None)
             if slot is None:
                 self.errors.append(f"no free pod address for {key}")
                 return None
@@ -715,6 +719,14 @@ class KubeRayStandIn:
         self._stop_pod(None, self.stop_grace_s)  # anything left with our owner marker
         self._http.close()
         self._client.close()
+
+
+def _slot_free(slot: int, dashboard_port: int) -> bool:
+    """Nothing else (another stand-in, a leftover) holds this pod address or port block."""
+    ip = f"127.0.0.{FIRST_IP + slot}"
+    base = PORT_BASE + slot * PORTS_PER_POD
+    ports = [dashboard_port, *(base + off for off in INTERNAL.values())]
+    return all(_port_free(ip, port) for port in ports)
 
 
 def _terminate(pids: list[int], grace_s: float) -> None:
