@@ -80,6 +80,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from rollout.providers.local import _alive, _claimed_ancestor, _is_gcs, _port_free
+from rollout.providers.local import _alive, _claimed_ancestor, _is_gcs
 from tests.kube import KubeApi
 
 log = logging.getLogger("tests.kuberay_standin")
@@ -727,6 +728,18 @@ def _slot_free(slot: int, dashboard_port: int) -> bool:
     base = PORT_BASE + slot * PORTS_PER_POD
     ports = [dashboard_port, *(base + off for off in INTERNAL.values())]
     return all(_port_free(ip, port) for port in ports)
+
+
+def _port_free(host: str, port: int) -> bool:
+    # SO_REUSEADDR, as Ray's servers bind: a connection of an earlier head left in TIME_WAIT
+    # does not hold the port, a listener does.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _terminate(pids: list[int], grace_s: float) -> None:
