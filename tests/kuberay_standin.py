@@ -283,7 +283,8 @@ class KubeRayStandIn:
 
     # ---- test hooks -----------------------------------------------------------------------
     def heads(self) -> dict[str, tuple[str, list[int]]]:
-        """RayCluster name -> (pod IP, live PIDs) of every head it runs."""
+        """RayCluster name -> (pod IP, live PIDs) of every head it runs (an invalid RayCluster
+        or one refused for its serve port has none)."""
         with self._lock:
             heads = list(self._heads.values())
         return {h.name: (h.ip, sorted(self.pids(h.pod))) for h in heads}
