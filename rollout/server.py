@@ -39,7 +39,12 @@ from gateway.routes import Backend, Route, RouteTable
 from rollout.api import create_admin_app, create_metrics_app
 from rollout.conflicts import startup_conflicts
 from rollout.controller import Controller
-from rollout.providers.kuberay import KubeRayProvider, KubeRaySettings, load_api_client
+from rollout.providers.kuberay import (
+    KubeRayProvider,
+    KubeRaySettings,
+    default_namespace,
+    load_api_client,
+)
 from rollout.providers.local import LocalProvider, LocalSettings
 from rollout.spec import ServiceSpec
 from rollout.statedir import StateDirLock, make_private
@@ -71,19 +76,10 @@ PROVIDERS = ("local", "kuberay")
 def make_provider(settings: UpSettings, state_dir: Path) -> LocalProvider | KubeRayProvider:
     """The one place that knows the providers by name."""
     if settings.provider == "kuberay":
-        namespace = settings.namespace or _current_namespace()
+        namespace = settings.namespace or default_namespace(settings.kubeconfig)
         api = load_api_client(settings.kubeconfig)
         return KubeRayProvider(api, KubeRaySettings(namespace, instance=settings.instance))
     return LocalProvider(LocalSettings(state_dir))
-
-
-def _current_namespace() -> str:
-    """In a pod, its own namespace (as kubectl does); else `default`."""
-    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    try:
-        return path.read_text().strip() or "default"
-    except OSError:
-        return "default"
 
 
 class _Server(uvicorn.Server):

@@ -86,7 +86,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,11 +300,7 @@ class KubeRayStandIn:
         it in place, see the module docstring. Returns the PIDs killed."""
         with self._lock:
             head = self._head(name)
-        pids = sorted(self.pids(head.pod))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return pids
+        return _kill_all(lambda: self.pids(head.pod))
 
     def time_to_ready(self, name: str) -> float | None:
         """Seconds from the head pod's creation to its first HeadPodReady True."""
@@ -741,6 +737,26 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _kill_all(find: Callable[[], set[int]]) -> list[int]:
+    """SIGKILL a whole process tree at once, as a container's end takes every process in it.
+    Frozen first (SIGSTOP) until a scan finds nothing new: a process killed while others
+    run lets its children be reparented to init (then only their environment, which Ray's
+    setproctitle may overwrite, says whose they are), and a running raylet forks workers."""
+    frozen: set[int] = set()
+    for _ in range(20):
+        found = find() - frozen
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= found
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(frozen)
 
 
 def _terminate(pids: list[int], grace_s: float) -> None:

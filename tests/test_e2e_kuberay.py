@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from kubernetes import client
@@ -129,7 +130,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with kuberay(root / "kube", NAMESPACE) as (api, standin):
         kube = KubeEnv(api, standin)
         rg = Raygate(root / "state", engine="haproxy", up_args=(
-            "--provider", "kuberay", "--kubeconfig", str(kube.kubeconfig),
+            "--provider", "kuberay", "--kubeconfig", str(api.kubeconfig),
             "--namespace", NAMESPACE,
         ))  # fmt: skip
         v1 = ray_cluster()
@@ -302,6 +303,35 @@ def test_raygate_killed_and_restarted_readopts_its_raycluster_and_deletes_an_orp
     assert names(world.kube) == {live, "someone-else"}, "only its own orphans are raygate's"
     world.kube.delete("someone-else")
     assert world.rg.predict()["cluster"] == live
+
+
+def test_a_head_container_restarted_in_place_gets_its_serve_apps_back(world: World) -> None:
+    """The kubelet restarts a crashed head container in the same pod: a new, empty Ray
+    cluster at the same address (no GCS fault tolerance). raygate sees the head not ready
+    (degraded, not dead), then a cluster without its apps, and deploys them again: the
+    same RayCluster serves again, nothing is replaced."""
+    live = live_cluster(world.rg)
+    revision = world.rg.status("digits")["active"]["revision"]
+    world.kube.standin.kill_head(live)
+    killed = time.monotonic()
+
+    def answers() -> bool:
+        try:
+            return world.rg.predict()["cluster"] == live
+        except (AssertionError, httpx.HTTPError):
+            return False
+
+    wait_for("the head to stop answering", lambda: not answers(), 30, 0.1)
+    wait_for("digits to answer again from the same RayCluster", answers, 240, 0.5)
+    outage = time.monotonic() - killed
+    s = world.rg.status("digits")
+    assert s["active"] == {**s["active"], "cluster": live, "revision": revision}
+    assert names(world.kube) == {live}, "a restarted head is repaired, not replaced"
+    assert any(f"sent to {live}" in e["text"] for e in s["events"][-5:]), s["events"]
+    print(
+        f"\nhead container killed: answering again after {outage:.1f}s (no second cluster "
+        "held its traffic: Ray keeps no Serve state across a head restart without GCS FT)"
+    )
 
 
 def test_sigterm_leaves_the_rayclusters_and_delete_removes_them(world: World) -> None:

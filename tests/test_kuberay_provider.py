@@ -245,3 +245,24 @@ def test_a_revision_stored_before_the_kuberay_field_keeps_its_hashes() -> None:
     text = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert parsed.cluster_hash() == hashlib.sha256(text.encode()).hexdigest()[:16]
     assert parse_spec(spec(kuberay=RAY)).cluster_hash() != parsed.cluster_hash()
+
+
+def test_the_namespace_defaults_as_kubectls_does(tmp_path: Path) -> None:
+    import yaml
+
+    from rollout.providers.kuberay import default_namespace
+
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "b",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "a", "context": {"cluster": "c", "user": "u", "namespace": "x"}},
+                     {"name": "b", "context": {"cluster": "c", "user": "u", "namespace": "ml"}}],
+    }  # fmt: skip
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    assert default_namespace(str(path)) == "ml"
+    del config["contexts"][1]["context"]["namespace"]
+    path.write_text(yaml.safe_dump(config))
+    assert default_namespace(str(path)) == "default"
+    assert default_namespace(str(tmp_path / "missing")) == "default"

@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -47,6 +48,7 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_NAME = 53  # KubeRay: a RayCluster name is at most 53 characters (DNS-1035)
 
 T = TypeVar("T")
+IN_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,23 @@ def load_api_client(kubeconfig: str | None = None) -> Any:
     configuration = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+def default_namespace(kubeconfig: str | None = None) -> str:
+    """As kubectl: the namespace of the current kubeconfig context, or in a pod (no
+    `kubeconfig` given) its own; else `default`."""
+    from kubernetes import config
+
+    if kubeconfig is None:
+        try:
+            return IN_POD_NAMESPACE.read_text().strip() or "default"
+        except OSError:
+            pass
+    try:
+        _contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (config.ConfigException, OSError):
+        return "default"
+    return str((active or {}).get("context", {}).get("namespace") or "default")
 
 
 class KubeRayProvider:
