@@ -14,8 +14,10 @@ head container a serve port of its own (on Kubernetes, 8000 for all would be rig
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from kubernetes import client
 from tests.harness import EXAMPLES, Load, Raygate, wait_for
 from tests.kube import KubeApi
 from tests.kuberay_standin import KubeRayStandIn, kuberay
-from tests.loopback import free_port
 
 pytestmark = pytest.mark.ray
 
@@ -39,6 +40,24 @@ APPS = EXAMPLES.parent / "apps"
 FORBIDDEN = ('rayclusters.ray.io is forbidden: User "system:serviceaccount:raygate:raygate" '
              'cannot create resource "rayclusters" in API group "ray.io" in the namespace '
              '"raygate"')  # fmt: skip
+
+
+_SERVE_PORTS = itertools.count(16000)  # below the ephemeral range: see serve_port()
+
+
+def serve_port() -> int:
+    """A serve port of its own for each cluster spec, below the ephemeral port range (and
+    between the stand-in's and the local provider's port blocks). Not a free ephemeral
+    port: Serve binds 0.0.0.0 on it, and when a head restarts, any outgoing connection on
+    this machine may have taken that port number meanwhile (in a pod, 8000 never is)."""
+    for port in _SERVE_PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("unreachable")
 
 
 def ray_cluster(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -53,7 +72,7 @@ def ray_cluster(env: dict[str, str] | None = None) -> dict[str, Any]:
                 "name": "ray-head",
                 "image": "rayproject/ray:2.60.0-py311",
                 "env": [{"name": k, "value": v} for k, v in variables.items()],
-                "ports": [{"name": "serve", "containerPort": free_port()}],
+                "ports": [{"name": "serve", "containerPort": serve_port()}],
             }]}},
         },
     }  # fmt: skip
