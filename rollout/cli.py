@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: the pod's own, else `default`)")  # fmt: skip
     up.add_argument("--kubeconfig", help="kuberay: else in-cluster config, $KUBECONFIG, "
                     "~/.kube/config, as kubectl")  # fmt: skip
-    up.add_argument("--instance", default="raygate", help="kuberay: the label value that tells "
-                    "this raygate's RayClusters from another's in the same namespace")  # fmt: skip
+    up.add_argument("--instance", help="kuberay: the label value that tells this raygate's "
+                    "RayClusters from another's in the same namespace (default: an id made "
+                    "once per state dir, kept in <state-dir>/instance)")  # fmt: skip
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
 

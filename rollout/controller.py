@@ -59,9 +59,13 @@ log = logging.getLogger("raygate.controller")
 SERVE_KEEP_ALIVE_S = 90
 
 
+ORPHAN_SWEEP_S = 30.0  # recovery never waits longer than this on a provider's orphan sweep
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     tick_s: float = 1.0
+    create_wait_s: float = 1.0  # how long a tick waits for a cluster start before going on
 
 
 def serve_config(spec: ServiceSpec, info: ClusterInfo) -> dict[str, Any]:
@@ -103,6 +107,10 @@ class Controller:
         self._supervisor: asyncio.Task[None] | None = None
         self._spawn = asyncio.Event()
         self.started = False  # routes published and recovery done: raygate is ready
+        # Cluster starts under way: each runs beside its service's loop, which observes the
+        # cluster as STARTING meanwhile (a push or a delete is acted on while KubeRay
+        # schedules pods).
+        self._creating: dict[str, asyncio.Task[None]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,21 +135,24 @@ class Controller:
         await self._sweep_deletions(None)
         known = [info for info, _ in self.store.clusters()]
         try:
-            stray = await self.provider.orphans(known)
-        except ProviderError as exc:  # e.g. the Kubernetes API is down: serve what is known
-            log.error("recover: cannot look for orphan clusters: %s", exc)
+            stray = await asyncio.wait_for(self.provider.orphans(known), ORPHAN_SWEEP_S)
+        except (ProviderError, TimeoutError) as exc:  # the Kubernetes API is down or hangs:
+            # serve what is known; the next start sweeps again
+            log.error("recover: cannot look for orphan clusters: %r", exc)
             return
         if stray:
             log.warning("recover: stopped orphan clusters %s", stray)
 
     async def stop(self, delete_clusters: bool = True) -> None:
-        tasks = [*self._tasks.values(), *([self._supervisor] if self._supervisor else [])]
+        tasks = [*self._tasks.values(), *self._creating.values(),
+                 *([self._supervisor] if self._supervisor else [])]  # fmt: skip
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self._creating.clear()
         if delete_clusters:
             for info, _ in self.store.clusters():
                 try:
@@ -276,9 +287,19 @@ class Controller:
                 out[cid] = ClusterObservation(Liveness.DEAD, in_flight=in_flight.get(cid, 0))
                 continue
             info, _ = record
-            liveness = await self.provider.liveness(info)
             expected = state.expected_revision(cid)
-            health = message = None
+            creating = self._creating.get(cid)
+            if creating is not None and not creating.done():  # its start is under way
+                out[cid] = ClusterObservation(Liveness.STARTING, message="starting the cluster",
+                                              in_flight=in_flight.get(cid, 0))  # fmt: skip
+                continue
+            seen = await self.provider.observe(info)
+            if seen.info != info:  # learned its address, or the address moved
+                self.store.update_cluster(seen.info, ClusterState.RUNNING)
+                info = seen.info
+            liveness = seen.liveness
+            health = None
+            message = seen.message
             proxy_ok = None
             if liveness is Liveness.UP and expected is not None and expected in revisions:
                 is_pending = state.pending is not None and state.pending.cluster == cid
@@ -293,7 +314,7 @@ class Controller:
                 health,
                 message or "",
                 in_flight.get(cid, 0),
-                self._errors.get((cid, expected)) if expected is not None else None,
+                (self._errors.get((cid, expected)) if expected is not None else None) or seen.error,
                 proxy_ok,
             )
         return Observation(out)
@@ -339,7 +360,8 @@ class Controller:
         for action in decision.actions:
             try:
                 if isinstance(action, CreateCluster):
-                    await self._create(new_infos[action.cluster], revisions[action.revision])
+                    await self._start_creating(new_infos[action.cluster],
+                                               revisions[action.revision])  # fmt: skip
                 elif isinstance(action, DeployServe):
                     await self._deploy(action.cluster, revisions[action.revision])
             except asyncio.CancelledError:
@@ -380,7 +402,22 @@ class Controller:
                     self._event(info.service, f"deleting cluster {info.id} failed: {exc!r}; "
                                               "trying again until it is gone")  # fmt: skip
 
+    async def _start_creating(self, info: ClusterInfo, revision: Revision) -> None:
+        """Starts the cluster in a task of its own, and waits a moment for it: a start that
+        is quick is done within this tick, a long one goes on beside the service's loop."""
+        task = asyncio.create_task(self._create(info, revision), name=f"create-{info.id}")
+        self._creating[info.id] = task
+        task.add_done_callback(lambda _t: self.wake(info.service))
+        await asyncio.wait({task}, timeout=self.settings.create_wait_s)
+
     async def _create(self, info: ClusterInfo, revision: Revision) -> None:
+        try:
+            await self._create_now(info, revision)
+        finally:
+            if self._creating.get(info.id) is asyncio.current_task():
+                del self._creating[info.id]
+
+    async def _create_now(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()
         # The health gate's clock runs from the decision; a start that outlasts it has failed
         # (a RayCluster whose pods cannot be scheduled would otherwise block this service's
@@ -428,6 +465,11 @@ class Controller:
 
     async def _delete(self, info: ClusterInfo) -> None:
         started = time.monotonic()
+        creating = self._creating.pop(info.id, None)
+        if creating is not None and not creating.done():  # superseded while it started
+            creating.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await creating
         await self.provider.delete(info)
         self.store.drop_cluster(info.id)
         self._errors = {k: v for k, v in self._errors.items() if k[0] != info.id}

@@ -529,6 +529,8 @@ def _advance(
             b.act(CreateCluster(new_id, p.revision))
             b.set(pending=replace(p, cluster=new_id))
             b.event(f"cluster {p.cluster} did not come up; creating {new_id}")
+        elif obs.message and obs.message != p.message:  # what it waits for (a pod, ...)
+            b.set(pending=replace(p, message=obs.message))
         return
     if obs.liveness is Liveness.DEAD:
         _abort(b, p, f"cluster {p.cluster} died during the rollout")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -67,18 +68,24 @@ class UpSettings:
     provider: str = "local"  # or "kuberay"
     namespace: str | None = None  # kuberay: where the RayClusters live
     kubeconfig: str | None = None  # kuberay: else in-cluster, $KUBECONFIG, ~/.kube/config
-    instance: str = "raygate"  # kuberay: the label that tells this raygate's RayClusters
+    instance: str | None = None  # kuberay: the label value that tells this raygate's
+    # RayClusters from another's; default: an id made once per state dir
 
 
 PROVIDERS = ("local", "kuberay")
+LABEL_VALUE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
 def make_provider(settings: UpSettings, state_dir: Path) -> LocalProvider | KubeRayProvider:
     """The one place that knows the providers by name."""
     if settings.provider == "kuberay":
+        instance = settings.instance or load_or_create_instance(state_dir)
+        if not LABEL_VALUE.fullmatch(instance):
+            raise ValueError(f"--instance {instance!r} is not a Kubernetes label value (at "
+                             "most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)")  # fmt: skip
         namespace = settings.namespace or default_namespace(settings.kubeconfig)
         api = load_api_client(settings.kubeconfig)
-        return KubeRayProvider(api, KubeRaySettings(namespace, instance=settings.instance))
+        return KubeRayProvider(api, KubeRaySettings(namespace, instance))
     return LocalProvider(LocalSettings(state_dir))
 
 
@@ -99,6 +106,21 @@ MIN_TOKEN_CHARS = 24  # a generated token has 43
 
 class WeakToken(ValueError):
     """The admin token is empty or too short to guard what it grants (code execution)."""
+
+
+def load_or_create_instance(state_dir: Path) -> str:
+    """This state dir's instance id, made on first use. It labels the RayClusters this
+    raygate creates, and only those are its orphans to delete: a second raygate in the same
+    namespace (another state dir) never takes the first one's clusters. A state dir that is
+    lost leaves its RayClusters running for `kubectl delete` rather than deleting anyone's."""
+    path = state_dir / "instance"
+    if path.exists():
+        return path.read_text().strip()
+    instance = f"rg-{secrets.token_hex(6)}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(instance + "\n")
+    os.replace(tmp, path)
+    return instance
 
 
 def load_or_create_token(state_dir: Path) -> tuple[str, Path]:

@@ -253,9 +253,89 @@ def _check_kuberay(cluster: ClusterSpec, problems: list[tuple[str, str]]) -> Non
             isinstance(p, dict) and isinstance(p.get("containerPort"), int) for p in ports
         ):
             problems.append((f"{where}[{i}].ports", "a list of {name, containerPort: int}"))
+    if "authOptions" in cluster.kuberay:
+        problems.append((f"{at}.authOptions", "raygate cannot yet authenticate to a Ray "
+                         "dashboard that requires a token"))  # fmt: skip
+    _check_head_ports(head, containers[0], f"{where}[0].ports", problems)
+    _check_group_resources(head, f"{at}.headGroupSpec", problems)
     workers = cluster.kuberay.get("workerGroupSpecs", [])
     if not isinstance(workers, list):
         problems.append((f"{at}.workerGroupSpecs", "a list of worker groups"))
+        return
+    autoscaling = bool(cluster.kuberay.get("enableInTreeAutoscaling"))
+    for i, group in enumerate(workers):
+        _check_worker_group(group, f"{at}.workerGroupSpecs[{i}]", autoscaling, problems)
+
+
+# The ports raygate dials on the head container (by name) and KubeRay's numbers for them.
+HEAD_PORTS = {"dashboard": 8265, "serve": 8000}
+
+
+def _check_head_ports(
+    head: dict[str, Any], container: Any, at: str, problems: list[tuple[str, str]]
+) -> None:
+    """raygate lists `dashboard` and `serve` when missing: not over a number the user listed
+    under another name (the head Service would hold it twice, which the API server
+    refuses), and the dashboard where `rayStartParams` puts it."""
+    if not isinstance(container, dict) or not isinstance(container.get("ports", []), list):
+        return
+    listed = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])
+              if isinstance(p, dict)}  # fmt: skip
+    wanted = dict(HEAD_PORTS)
+    param = (head.get("rayStartParams") or {}).get("dashboard-port")
+    if isinstance(param, str) and param.isdigit():
+        wanted["dashboard"] = int(param)
+        if "dashboard" in listed and listed["dashboard"] != int(param):
+            problems.append((at, f"the port named dashboard ({listed['dashboard']}) is not "
+                             f"rayStartParams dashboard-port ({param})"))  # fmt: skip
+    for name, number in wanted.items():
+        if name in listed:
+            continue
+        other = next((n for n, v in listed.items() if v == number), None)
+        if other is not None:
+            problems.append((at, f"port {number} is listed as {other!r}: name it {name!r} "
+                             f"(raygate reaches the {name} port by that name)"))  # fmt: skip
+
+
+def _check_group_resources(group: dict[str, Any], at: str, problems: list[tuple[str, str]]
+                           ) -> None:  # fmt: skip
+    """KubeRay refuses a group that sets resources both in rayStartParams and `resources`,
+    or rayStartParams["labels"] (ValidateRayClusterSpec)."""
+    params = group.get("rayStartParams") or {}
+    if not isinstance(params, dict):
+        return
+    both = [k for k in ("num-cpus", "num-gpus", "memory", "resources") if params.get(k)]
+    if both and group.get("resources"):
+        problems.append((f"{at}.resources", f"KubeRay refuses resources set both here and in "
+                         f"rayStartParams ({', '.join(both)}): use one"))  # fmt: skip
+    if "labels" in params:
+        problems.append((f"{at}.rayStartParams.labels", "KubeRay refuses it: use the group's "
+                         "top-level labels field"))  # fmt: skip
+
+
+def _check_worker_group(group: Any, at: str, autoscaling: bool,
+                        problems: list[tuple[str, str]]) -> None:  # fmt: skip
+    """What KubeRay v1.7's validation refuses of a worker group: it would answer the
+    RayCluster with a Warning Event only, and the rollout would wait out its health timeout."""
+    if not isinstance(group, dict):
+        problems.append((at, "a worker group must be a mapping"))
+        return
+    if not isinstance(group.get("groupName"), str) or not group["groupName"]:
+        problems.append((f"{at}.groupName", "required"))
+    containers = _dig(group, "template", "spec", "containers")
+    if not isinstance(containers, list) or not containers:
+        problems.append((f"{at}.template.spec.containers", "required: at least one"))
+    bounds = {k: group.get(k) for k in ("minReplicas", "maxReplicas", "replicas")}
+    for key, value in bounds.items():
+        if value is not None and (not isinstance(value, int) or value < 0):
+            problems.append((f"{at}.{key}", "a whole number, at least 0"))
+    low, high = bounds["minReplicas"], bounds["maxReplicas"]
+    if not autoscaling and (low is None or high is None):
+        problems.append((at, "KubeRay requires minReplicas and maxReplicas when "
+                         "enableInTreeAutoscaling is off"))  # fmt: skip
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        problems.append((f"{at}.minReplicas", f"greater than maxReplicas ({low} > {high})"))
+    _check_group_resources(group, at, problems)
 
 
 def _dig(value: Any, *keys: str) -> Any:

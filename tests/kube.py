@@ -138,6 +138,9 @@ class Fault:
     resource: str
     times: int | None
     served: int = 0
+    # The Status's `details` (default: the object's name and kind). `{}` is what the API
+    # server sends when the resource type itself is unknown (a 404 for a missing CRD).
+    details: dict[str, Any] | None = None
 
 
 # ---- selectors ---------------------------------------------------------------------------
@@ -243,13 +246,10 @@ class _Emulator(kmock.KubernetesEmulator):
         if request.method == enums.method.PUT:
             return _status_response(405, "PUT (replace) is not supported by the kmock emulator")
         if (fault := self._take_fault(request, user)) is not None:
-            return _status_response(
-                fault.status,
-                fault.message,
-                fault.reason,
-                name=request.name or "",
-                kind=fault.resource,
-            )
+            details = fault.details
+            if details is None:
+                details = {"name": request.name or "", "kind": fault.resource}
+            return _status_response(fault.status, fault.message, fault.reason, **details)
         try:
             if request.action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
                 async with self.write_lock:
@@ -522,13 +522,20 @@ class KubeApi:
         times: int | None = None,
         reason: str | None = None,
         resource: str = "rayclusters",
+        details: dict[str, Any] | None = None,
     ) -> Fault:
         """The next `times` (None: every) raygate request of `verb` (create, get, list, watch,
         patch, delete) on `resource` answers a `Status` with HTTP `status`."""
         if verb not in _ACTION_VERBS.values():
             raise ValueError(f"unknown verb {verb!r}")
         fault = Fault(
-            verb, status, message, reason or REASONS.get(status, "Unknown"), resource, times
+            verb,
+            status,
+            message,
+            reason or REASONS.get(status, "Unknown"),
+            resource,
+            times,
+            details=details,
         )
         with self._emulator.faults_lock:
             self._emulator.faults.append(fault)

@@ -31,8 +31,8 @@ What it does, as KubeRay's raycluster_controller.go does:
 - deleting the object stops every process of its head (by PID) and frees its address.
 
 The head process: `python -m ray.scripts.scripts start --head` with `--node-ip-address` and
-`--dashboard-host` = the pod IP, the dashboard on the head container's `dashboard` port (8265
-if it lists none: on its own IP that does not clash), `--num-cpus` from
+`--dashboard-host` = the pod IP, the dashboard on the head container's `dashboard` port
+(8265 if it lists none: on its own IP that does not clash), `--num-cpus` from
 rayStartParams["num-cpus"] (default 2), `--object-store-memory` from rayStartParams (default
 200 MiB); every Ray-internal port (GCS, client server, agent, metrics, node/object manager,
 worker range) from a block of its own per pod. Environment: this process's minus
@@ -40,21 +40,24 @@ worker range) from a block of its own per pod. Environment: this process's minus
 `value` (valueFrom is ignored), what KubeRay adds to a head container (`RAY_CLUSTER_NAME`,
 `RAY_CLUSTER_NAMESPACE`, `RAY_CLOUD_INSTANCE_ID` = pod name, `RAY_NODE_TYPE_NAME=headgroup`,
 `RAY_PORT`/`RAY_ADDRESS` = this head's GCS unless the container sets them,
-`RAY_USAGE_STATS_KUBERAY_IN_USE=1`), `RAY_USAGE_STATS_ENABLED=0`,
-`SERVE_SOCKET_REUSE_PORT_ENABLED=0`, and two markers: `KUBERAY_STANDIN_OWNER=<this stand-in's
-owner id>` and `KUBERAY_STANDIN_POD=<pod name>`. Processes are found by those markers (on the
-process or an ancestor, as rollout.providers.local does for its own) and stopped by PID in
-Ray's order, SIGTERM then SIGKILL; never `ray stop`. They carry no `RAYGATE_*` variable, so
-tests/harness.py's `marked_processes` never counts them; `standin_processes()` finds them.
+`RAY_USAGE_STATS_KUBERAY_IN_USE=1`), `RAY_USAGE_STATS_ENABLED=0`, and two markers:
+`KUBERAY_STANDIN_OWNER=<this stand-in's owner id>` and `KUBERAY_STANDIN_POD=<pod name>`.
+Processes are found by those markers (on the process or an ancestor, as
+rollout.providers.local does for its own) and stopped by PID in Ray's order, SIGTERM then
+SIGKILL; never `ray stop`. They carry no `RAYGATE_*` variable, so tests/harness.py's
+`marked_processes` never counts them; `standin_processes()` finds them.
 
 Emulation limits (what differs from a real cluster):
 - every pod shares this machine's network namespace. Ray Serve binds 0.0.0.0 on the serve
   port (right on Kubernetes, one netns per pod) with SO_REUSEPORT, so two heads listing the
-  same serve port would silently SHARE it. The stand-in sets
-  SERVE_SOCKET_REUSE_PORT_ENABLED=0 (a clash fails loudly) and does not start a head whose
-  `serve` containerPort (default 8000) another of its live heads uses: that RayCluster stays
-  not ready, `HeadPodReady` False, reason `StandInServePortInUse`, a message naming the limit,
-  until the other head is gone. Give each cluster spec its own serve containerPort.
+  same serve port would silently SHARE it. The stand-in does not start a head whose `serve`
+  containerPort (default 8000) another of its live heads uses: that RayCluster stays not
+  ready, `HeadPodReady` False, reason `StandInServePortInUse`, a message naming the limit,
+  until the other head is gone. Give each cluster spec its own serve containerPort, below
+  the ephemeral port range (an outgoing connection may hold a port number there). Serve's
+  own socket options are left as they are in a pod: `SERVE_SOCKET_REUSE_PORT_ENABLED=0`
+  would also drop SO_REUSEADDR, and a head restarted in place could then not bind its serve
+  port for a minute (the old proxy's connections in TIME_WAIT), which no pod sees.
 - the Ray-internal ports are not the ones `rayStartParams`/the container list (they come from
   the pod's block), only `dashboard` and `serve` are; `client`/`gcs-server`/`metrics` in
   `status.endpoints` name ports nothing listens on.
@@ -448,7 +451,6 @@ class KubeRayStandIn:
         env["RAY_CLOUD_INSTANCE_ID"] = head.pod
         env["RAY_NODE_TYPE_NAME"] = "headgroup"
         env["RAY_USAGE_STATS_ENABLED"] = "0"
-        env["SERVE_SOCKET_REUSE_PORT_ENABLED"] = "0"  # a serve port clash fails loudly
         env[OWNER_ENV] = self.owner
         env[POD_ENV] = head.pod
         return env

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from gateway.routes import RouteTable
-from rollout.controller import Controller
-from rollout.plan import Liveness
-from rollout.providers.base import ClusterInfo, ProviderError
+from rollout.controller import Controller, ControllerSettings
+from rollout.plan import Liveness, ServiceState
+from rollout.providers.base import ClusterInfo, ProviderError, Seen
 from rollout.spec import ClusterSpec, ServiceSpec, parse_spec
 from rollout.store import ClusterState, Conflict, Store
 
@@ -145,6 +145,9 @@ class ProviderDouble:
         self.serve.add(cluster)
         self.started.append(info.id)
         return replace(info, data={**info.data, "pids": [1]})
+
+    async def observe(self, info: ClusterInfo) -> Seen:
+        return Seen(await self.liveness(info), info)
 
     async def liveness(self, info: ClusterInfo) -> Liveness:
         if self.hold_liveness is not None:
@@ -465,3 +468,74 @@ async def test_no_cluster_is_deleted_while_the_data_plane_may_route_anywhere(rig
     rig.plane.also_routed = set()
     await rig.tick()
     assert rig.provider.deleted == [old]
+
+
+async def test_a_push_supersedes_a_rollout_whose_cluster_is_still_starting(
+    tmp_path: Path,
+) -> None:
+    """A RayCluster can take minutes to come up (pods pending, images pulling). Its start
+    runs beside the service's loop, which goes on observing (STARTING) and planning: the
+    user's corrected push is acted on at once, and the cluster being started is deleted."""
+    serve = ServeDouble()
+    provider = ProviderDouble(serve)
+    store = Store(tmp_path / "raygate.db")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(serve.handler)) as http:
+        controller = Controller(store, provider, DataPlaneDouble(), http,
+                                ControllerSettings(tick_s=0.05))  # fmt: skip
+        await controller.start()
+        try:
+
+            async def until(check: Callable[[], bool], within_s: float) -> bool:
+                deadline = asyncio.get_running_loop().time() + within_s
+                while asyncio.get_running_loop().time() < deadline:
+                    if check():
+                        return True
+                    await asyncio.sleep(0.05)  # the store has no event to await
+                return False
+
+            def state() -> ServiceState:
+                loaded = store.load("svc")
+                assert loaded is not None
+                return loaded
+
+            store.push(make_spec(), 0.0)
+            controller.wake("svc")
+            assert await until(lambda: state().active is not None, 10)
+            provider.hold_start = asyncio.Event()  # the next cluster never comes up
+            provider.reached.clear()
+            store.push(make_spec(cpus=4), 0.0)
+            controller.wake("svc")
+            await asyncio.wait_for(provider.reached.wait(), 10)
+            stuck = state().pending
+            assert stuck is not None and stuck.revision == 2
+            store.push(make_spec(cpus=8), 0.0)  # the user's fix
+            controller.wake("svc")
+            assert await until(lambda: (p := state().pending) is not None and p.revision == 3, 5), (
+                f"pending still {state().pending}"
+            )
+            assert await until(lambda: store.cluster(stuck.cluster) is None, 5), (
+                "the cluster whose start was superseded is deleted"
+            )
+        finally:
+            assert provider.hold_start is not None
+            provider.hold_start.set()
+            await controller.stop(delete_clusters=False)
+            store.close()
+
+
+async def test_recovery_does_not_wait_on_an_api_server_that_hangs(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The orphan sweep asks the Kubernetes API; one that accepts and never answers must
+    not hold raygate's start (the kubelet would kill a pod that never gets ready)."""
+    import rollout.controller
+
+    monkeypatch.setattr(rollout.controller, "ORPHAN_SWEEP_S", 0.2, raising=False)
+    hung = asyncio.Event()
+
+    async def orphans(known: Sequence[ClusterInfo]) -> list[str]:
+        await hung.wait()
+        return []
+
+    monkeypatch.setattr(rig.provider, "orphans", orphans)
+    await asyncio.wait_for(rig.controller.recover(), 5)

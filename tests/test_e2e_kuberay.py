@@ -303,7 +303,7 @@ def test_raygate_killed_and_restarted_readopts_its_raycluster_and_deletes_an_orp
         "apiVersion": "ray.io/v1", "kind": "RayCluster",
         "metadata": {"name": "digits-0rphan", "namespace": NAMESPACE, "labels": {
             "app.kubernetes.io/managed-by": "raygate", "raygate.io/service": "digits",
-            "raygate.io/instance": "raygate"}},
+            "raygate.io/instance": (world.rg.state_dir / "instance").read_text().strip()}},
         "spec": ray_cluster(),
     }  # fmt: skip
     foreign = {**orphan, "metadata": {"name": "someone-else", "namespace": NAMESPACE,

@@ -15,13 +15,13 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from rollout.controller import serve_config
-from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo
 from rollout.providers.kuberay import (
     KubeRayProvider,
     KubeRaySettings,
     address,
     api_error,
+    head_ports,
     identity,
     readiness,
 )
@@ -58,12 +58,13 @@ def test_the_rayclusters_body_lists_the_ports_raygate_dials_and_labels_it_as_our
         "labels": {"app.kubernetes.io/managed-by": "raygate", "raygate.io/service": "digits",
                    "raygate.io/instance": "blue"},
     }  # fmt: skip
-    # KubeRay's head Service carries only listed ports: raygate lists the two it dials.
+    # KubeRay's head Service carries only listed ports, its five defaults when none is
+    # listed: with none listed, raygate lists those five (workers join at gcs-server).
     ray = body["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert ray["ports"] == [
-        {"name": "dashboard", "containerPort": 8265},
-        {"name": "serve", "containerPort": 8000},
-    ]
+    assert {p["name"]: p["containerPort"] for p in ray["ports"]} == {
+        "client": 10001, "gcs-server": 6379, "dashboard": 8265, "metrics": 8080, "serve": 8000,
+    }  # fmt: skip
+    assert info.data["ports"] == {"dashboard": 8265, "serve": 8000}
     assert parsed.cluster.kuberay == RAY  # the user's spec is not changed in place
     # What KubeRay requires of the object: a DNS-1035 name of at most 53 characters.
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", body["metadata"]["name"])
@@ -124,16 +125,15 @@ def test_ready_needs_both_conditions_and_the_current_generation() -> None:
 
 
 def test_raygate_dials_the_head_service_ip_while_serve_binds_every_interface() -> None:
-    obj = ready_object(endpoints={"dashboard": "18265", "serve": "18000"})
+    # A NodePort head Service: status.endpoints hold node ports, serviceIP the ClusterIP,
+    # whose Service ports are the container's. raygate dials the container's ports.
+    obj = ready_object(endpoints={"dashboard": "31265", "serve": "30800"})
     obj["status"]["head"]["serviceIP"] = "10.96.0.9"
-    found = address(obj)
+    found = address(obj, {"dashboard": 18265, "serve": 18000})
     assert found == {"dashboard_url": "http://10.96.0.9:18265", "serve_host": "10.96.0.9",
                      "serve_port": 18000, "bind_host": "0.0.0.0"}  # fmt: skip
-    # KubeRay's defaults when the endpoints leave a port out.
-    obj["status"]["endpoints"] = {"metrics": "8080"}
-    assert address(obj)["serve_port"] == 8000
-    assert address(obj)["dashboard_url"].endswith(":8265")
-    info = ClusterInfo("digits-a1b2c3", "digits", "kuberay", created_at=0, **address(obj))
+    info = ClusterInfo("digits-a1b2c3", "digits", "kuberay", created_at=0,
+                       **address(obj, {"dashboard": 8265, "serve": 8000}))  # fmt: skip
     config = serve_config(parse_spec(spec(kuberay=RAY)), info)
     assert config["http_options"]["host"] == "0.0.0.0"
     assert config["http_options"]["port"] == 8000
@@ -176,13 +176,22 @@ def test_no_answer_at_all_is_transient() -> None:
     assert not error.permanent and "unreachable" in str(error)
 
 
-async def test_a_cluster_whose_start_never_finished_is_dead_to_the_planner() -> None:
-    """No address was recorded (raygate was killed while KubeRay started it): the planner
-    then deletes it and starts a fresh one, as for a local cluster whose start broke."""
+def test_the_ports_raygate_dials_follow_the_head_container_and_ray_start_params() -> None:
+    def ports(ray: dict[str, Any]) -> dict[str, int]:
+        return head_ports(parse_spec(spec(kuberay=ray)).cluster.kuberay or {})
+
+    listed = copy.deepcopy(RAY)
+    listed["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": "serve", "containerPort": 9000}]  # fmt: skip
+    assert ports(listed) == {"dashboard": 8265, "serve": 9000}
+    moved = copy.deepcopy(RAY)
+    moved["headGroupSpec"]["rayStartParams"]["dashboard-port"] = "9265"
+    assert ports(moved) == {"dashboard": 9265, "serve": 8000}
     p = provider()
-    info = p.allocate("digits-a1b2c3", "digits", parse_spec(spec(kuberay=RAY)).cluster, [])
-    assert await p.liveness(info) is Liveness.DEAD
-    await p.close()
+    parsed = parse_spec(spec(kuberay=moved))
+    body = p.body(p.allocate("digits-a1b2c3", "digits", parsed.cluster, []), parsed.cluster)
+    container = body["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {x["name"]: x["containerPort"] for x in container["ports"]}["dashboard"] == 9265
 
 
 # ---- push-time checks ------------------------------------------------------------------
@@ -266,3 +275,60 @@ def test_the_namespace_defaults_as_kubectls_does(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     assert default_namespace(str(path)) == "default"
     assert default_namespace(str(tmp_path / "missing")) == "default"
+
+
+WORKER = {"groupName": "cpu", "minReplicas": 1, "maxReplicas": 2,
+          "template": {"spec": {"containers": [{"name": "w", "image": "ray"}]}}}  # fmt: skip
+
+
+def with_head(**extra: Any) -> dict[str, Any]:
+    ray = copy.deepcopy(RAY)
+    ray["headGroupSpec"].update(extra)
+    return ray
+
+
+def with_ports(*ports: dict[str, Any]) -> dict[str, Any]:
+    ray = copy.deepcopy(RAY)
+    ray["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"] = list(ports)
+    return ray
+
+
+@pytest.mark.parametrize(
+    ("ray", "field", "words"),
+    [
+        # What KubeRay v1.7's ValidateRayClusterSpec refuses with a Warning Event only.
+        ({**RAY, "workerGroupSpecs": [{**WORKER, "minReplicas": None, "maxReplicas": None,
+                                       "replicas": 2}]},
+         "cluster.kuberay.workerGroupSpecs[0]", "minReplicas and maxReplicas"),
+        ({**RAY, "workerGroupSpecs": [{**WORKER, "minReplicas": 3, "maxReplicas": 1}]},
+         "cluster.kuberay.workerGroupSpecs[0].minReplicas", "greater than maxReplicas"),
+        ({**RAY, "workerGroupSpecs": [{**WORKER, "groupName": ""}]},
+         "cluster.kuberay.workerGroupSpecs[0].groupName", "required"),
+        (with_head(rayStartParams={"num-cpus": "0"}, resources={"CPU": "0"}),
+         "cluster.kuberay.headGroupSpec.resources", "both here and in rayStartParams"),
+        (with_head(rayStartParams={"labels": "a=b"}),
+         "cluster.kuberay.headGroupSpec.rayStartParams.labels", "top-level labels"),
+        # The head Service would hold port 8000 twice: the API server refuses that.
+        (with_ports({"name": "http", "containerPort": 8000}),
+         "cluster.kuberay.headGroupSpec.template.spec.containers[0].ports", "name it 'serve'"),
+        (with_head(rayStartParams={"dashboard-port": "9265"}, template={"spec": {"containers": [
+            {"name": "ray", "image": "ray", "ports": [{"name": "dashboard",
+                                                      "containerPort": 8265}]}]}}),
+         "cluster.kuberay.headGroupSpec.template.spec.containers[0].ports", "dashboard-port"),
+        ({**RAY, "authOptions": {"mode": "token"}}, "cluster.kuberay.authOptions",
+         "cannot yet authenticate"),
+    ],
+    ids=["no-min-max", "min-over-max", "no-group-name", "cpus-twice", "labels-param",
+         "port-named-otherwise", "dashboard-port-mismatch", "token-auth"],
+)  # fmt: skip
+def test_what_kuberay_would_refuse_is_refused_at_push(
+    ray: dict[str, Any], field: str, words: str
+) -> None:
+    found = dict(problems(spec(kuberay=ray)))
+    assert field in found and words in found[field], found
+
+
+def test_autoscaled_worker_groups_need_no_bounds() -> None:
+    ray = {**RAY, "enableInTreeAutoscaling": True,
+           "workerGroupSpecs": [{**WORKER, "minReplicas": None, "maxReplicas": None}]}  # fmt: skip
+    parse_spec(spec(kuberay=ray))

@@ -345,3 +345,24 @@ def test_up_refuses_a_kuberay_spec_under_the_local_provider(tmp_path: Path) -> N
     code, out = exit_of(up(tmp_path / "state", tmp_path / "a.yaml"), within_s=30)
     assert code == 2, out
     assert "alpha: cluster.kuberay: this raygate runs the local provider" in out, out
+
+
+def test_each_state_dir_has_its_own_kuberay_instance_id(tmp_path: Path) -> None:
+    """The id labels a raygate's RayClusters: a second raygate (another state dir) in the
+    same namespace must not see the first one's clusters as its orphans."""
+    from rollout.server import load_or_create_instance
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = load_or_create_instance(tmp_path / "a")
+    assert first.startswith("rg-") and load_or_create_instance(tmp_path / "a") == first
+    assert load_or_create_instance(tmp_path / "b") != first
+
+
+def test_up_refuses_an_instance_id_that_is_no_label_value(tmp_path: Path) -> None:
+    code, out = exit_of(
+        up(tmp_path / "state", extra=("--provider", "kuberay", "--instance", "not a label!")),
+        within_s=30,
+    )
+    assert code == 2, out
+    assert "not a Kubernetes label value" in out, out

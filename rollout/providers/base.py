@@ -49,6 +49,19 @@ class ClusterInfo:
         return ClusterInfo(**json.loads(text))
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a provider sees of a cluster: its liveness; its record as it stands now (a
+    provider that learns the address only once the cluster is up, or sees it move, returns
+    the new facts and the controller stores them); why it is not up, in the provider's
+    words; and a permanent error that no wait can mend (the rollout is aborted with it)."""
+
+    liveness: Liveness
+    info: ClusterInfo
+    message: str = ""
+    error: str | None = None
+
+
 class ClusterProvider(Protocol):
     name: str
     keeps_clusters: bool  # clusters outlive raygate: stopping it never deletes them
@@ -63,9 +76,10 @@ class ClusterProvider(Protocol):
         """Choose where the cluster will live (no side effects beyond probing ports)."""
 
     async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
-        """Start it and wait until its Serve REST API answers. Raises ProviderError."""
+        """Start it: wait until its Serve REST API answers (local), or only have it made
+        (KubeRay: `observe` says STARTING until it is up). Raises ProviderError."""
 
-    async def liveness(self, info: ClusterInfo) -> Liveness: ...
+    async def observe(self, info: ClusterInfo) -> Seen: ...
 
     async def delete(self, info: ClusterInfo) -> None:
         """Stop it and free everything it used. Idempotent."""

@@ -2,20 +2,30 @@
 on Kubernetes.
 
 What KubeRay does (FACTS.md, from its v1.7 source) shapes this module:
-- the head Service and `status.endpoints` carry only the ports the head container lists (or
-  KubeRay's defaults when it lists none), so raygate lists `dashboard` and `serve` itself;
-- the default head Service is headless, so `status.head.serviceIP` is the head pod's IP: the
-  address raygate dials. Serve itself binds 0.0.0.0 (`ClusterInfo.bind_host`): one
-  `http_options.host` holds for the proxy of every node, and each node is its own pod;
+- the head Service carries only the ports the head container lists (KubeRay's five defaults
+  when it lists none), so raygate lists `dashboard` and `serve`, and all five defaults when
+  the user listed no port at all (workers join at the head Service's gcs-server port);
+- the default head Service is headless, so `status.head.serviceIP` is the head pod's IP,
+  which changes when the pod is replaced: the address is read again on every observation.
+  raygate dials it at the head container's own port numbers (for a ClusterIP Service they are
+  its ports; `status.endpoints` holds node ports for a NodePort/LoadBalancer Service). Serve
+  itself binds 0.0.0.0 (`ClusterInfo.bind_host`): one `http_options.host` holds for the
+  proxy of every node, and each node is its own pod;
 - ready is the `HeadPodReady` and `RayClusterProvisioned` conditions (older operators:
   `status.state == "ready"`), for the spec's current generation. The head pod's readiness
   probe checks the Ray agent, not the dashboard, so raygate still waits for the dashboard.
+- an invalid spec gets a Warning Event and nothing else: what KubeRay refuses is refused at
+  push (`rollout.spec._check_kuberay`).
 
+`start` only creates the object: KubeRay may take minutes (scheduling, image pulls), and the
+service's loop keeps observing and planning meanwhile (`observe` says STARTING, and why).
 A RayCluster outlives raygate (`keeps_clusters`): stopping raygate never deletes one; a
-restarted raygate re-adopts those its store knows and deletes those labelled as its own that
-no record knows. The `kubernetes` client is blocking: every call runs in a worker thread.
-Transient API errors (no connection, 429, 5xx) are retried; any other refusal (403 RBAC, 422
-schema, 404 CRD missing, quota) is permanent and its message reaches the service's status.
+restarted raygate re-adopts those its store knows and deletes those labelled with its own
+instance id that no record knows. The `kubernetes` client is blocking: every call runs in a
+worker thread, with urllib3's own retries off (raygate's are the only ones, so a call's time
+is bounded). Transient API errors (no connection, 429, 5xx) are retried; any other refusal
+(403 RBAC, 422 schema, 404 CRD missing, quota) is permanent and its message reaches the
+service's status.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from typing import Any, TypeVar
 import httpx
 
 from rollout.plan import Liveness
-from rollout.providers.base import ClusterInfo, ProviderError
+from rollout.providers.base import ClusterInfo, ProviderError, Seen
 from rollout.spec import ClusterSpec, ServiceSpec
 
 log = logging.getLogger("raygate.kuberay")
@@ -44,6 +54,9 @@ SERVICE_LABEL = "raygate.io/service"
 INSTANCE_LABEL = "raygate.io/instance"
 # The ports raygate reaches a cluster on, by the names KubeRay gives them, and its defaults.
 DEFAULT_PORTS = {"dashboard": 8265, "serve": 8000}
+# What KubeRay's head Service carries when the head container lists no port.
+KUBERAY_DEFAULT_PORTS = {"client": 10001, "gcs-server": 6379, "dashboard": 8265,
+                         "metrics": 8080, "serve": 8000}  # fmt: skip
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_NAME = 53  # KubeRay: a RayCluster name is at most 53 characters (DNS-1035)
 
@@ -54,22 +67,28 @@ IN_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace
 @dataclass(frozen=True)
 class KubeRaySettings:
     namespace: str
-    instance: str = "raygate"  # two raygates in one namespace must not take each other's
-    start_timeout_s: float = 900.0  # pods are scheduled, images pulled
-    poll_s: float = 1.0
+    instance: str  # the label value that tells this raygate's RayClusters from another's
     request_timeout_s: float = 10.0
-    attempts: int = 5  # per API call, for transient errors
+    attempts: int = 5  # per API call of a start or delete, for transient errors
     backoff_s: float = 0.5
     replica_failure_s: float = 30.0  # KubeRay's ReplicaFailure this long fails the start
 
 
 class KubeApiError(ProviderError):
     """The API server refused or could not be reached; `permanent` unless trying again can
-    help (connection, 429, 5xx)."""
+    help (connection, 429, 5xx). `details` is the `Status` object's, when it sent one."""
 
-    def __init__(self, message: str, status: int | None, permanent: bool) -> None:
+    def __init__(self, message: str, status: int | None, permanent: bool,
+                 details: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(message, permanent)
         self.status = status
+        self.details = details
+
+    def names(self, name: str) -> bool:
+        """Whether the error is about the object `name` (a 404 for it means it is gone),
+        not about the whole resource type: a 404 for a missing CRD carries empty
+        `details`. A server that sends no details at all is taken at its word."""
+        return self.details is None or self.details.get("name") == name
 
 
 def load_api_client(kubeconfig: str | None = None) -> Any:
@@ -80,12 +99,19 @@ def load_api_client(kubeconfig: str | None = None) -> Any:
     if kubeconfig is None:
         try:
             config.load_incluster_config()
-            return client.ApiClient()
+            return client.ApiClient(_no_hidden_retries(client.Configuration.get_default_copy()))
         except config.ConfigException:
             pass
     configuration = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return client.ApiClient(configuration)
+    return client.ApiClient(_no_hidden_retries(configuration))
+
+
+def _no_hidden_retries(configuration: Any) -> Any:
+    """urllib3 retries a failed request 3 times by default, under raygate's own retries: a
+    hung API server would cost 4x every call's timeout."""
+    configuration.retries = False
+    return configuration
 
 
 def default_namespace(kubeconfig: str | None = None) -> str:
@@ -116,6 +142,7 @@ class KubeRayProvider:
         self._api_client = api_client
         self._objects = client.CustomObjectsApi(api_client)
         self._http = httpx.AsyncClient(trust_env=False)
+        self._failing: dict[str, float] = {}  # cluster -> since when ReplicaFailure is True
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -140,6 +167,9 @@ class KubeRayProvider:
         """Names the RayCluster; its address is known only once KubeRay reports it."""
         if len(cluster_id) > MAX_NAME:
             raise ProviderError(f"RayCluster name {cluster_id!r} is longer than {MAX_NAME}")
+        if spec.kuberay is None:  # a revision pushed to a raygate on the local provider
+            raise ProviderError("the kuberay provider needs a RayCluster spec in "
+                                "cluster.kuberay; push one")  # fmt: skip
         return ClusterInfo(
             id=cluster_id,
             service=service,
@@ -148,18 +178,23 @@ class KubeRayProvider:
             serve_host="",
             serve_port=0,
             created_at=time.time(),
-            data={"namespace": self.settings.namespace, "name": cluster_id},
+            data={
+                "namespace": self.settings.namespace,
+                "name": cluster_id,
+                "ports": head_ports(spec.kuberay),
+            },
         )
 
     def body(self, info: ClusterInfo, spec: ClusterSpec) -> dict[str, Any]:
         """The RayCluster raygate creates for `info`: the user's spec, with the head
-        container listing the dashboard and serve ports (KubeRay exposes only those listed)."""
-        assert spec.kuberay is not None  # check() refused the push otherwise
+        container listing the ports raygate dials (KubeRay exposes only those listed)."""
+        assert spec.kuberay is not None  # allocate() refused it otherwise
         ray_spec = copy.deepcopy(spec.kuberay)
         container = ray_spec["headGroupSpec"]["template"]["spec"]["containers"][0]
         ports = container.setdefault("ports", [])
+        wanted = {**(KUBERAY_DEFAULT_PORTS if not ports else {}), **info.data["ports"]}
         names = {p.get("name") for p in ports}
-        for name, number in DEFAULT_PORTS.items():
+        for name, number in wanted.items():
             if name not in names:
                 ports.append({"name": name, "containerPort": number})
         return {
@@ -184,6 +219,8 @@ class KubeRayProvider:
 
     # ---- start ----------------------------------------------------------------------
     async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
+        """Creates the RayCluster and returns: KubeRay brings it up meanwhile, and
+        `observe` says STARTING (and why) until it is."""
         name, namespace = info.data["name"], info.data["namespace"]
         body = self.body(info, spec)
         try:
@@ -202,75 +239,57 @@ class KubeRayProvider:
             ):
                 raise ProviderError(f"a RayCluster named {name} exists in {namespace} and is "
                                     "not this raygate's") from None  # fmt: skip
-        log.info("RayCluster %s/%s created; waiting for KubeRay", namespace, name)
-        began = time.monotonic()
-        deadline = began + self.settings.start_timeout_s
-        why, said, failing_since = "not reported yet", "", None
-        while True:
-            obj = await self._get(name, namespace)
-            if obj is None:
-                raise ProviderError(f"RayCluster {name} was deleted while it started")
-            failure = replica_failure(obj)
-            if failure is None:
-                failing_since = None
-            elif failing_since is None:
-                failing_since = time.monotonic()
-            elif time.monotonic() - failing_since >= self.settings.replica_failure_s:
-                # KubeRay cannot create the pods (quota, an admission webhook, ...): that
-                # rarely heals by itself, and the status must say why.
-                raise ProviderError(f"KubeRay cannot create the pods of RayCluster {name}: "
-                                    f"{failure}")  # fmt: skip
-            ready, why = readiness(obj)
-            if ready:
-                started = replace(info, **address(obj), data={**info.data, **identity(obj)})
-                if await self._api_up(started):
-                    return started
-                why = "head pod ready; the dashboard does not answer yet"
-            if why != said:  # what it waits for, once each time it changes
-                log.info("RayCluster %s (%.0fs): %s", name, time.monotonic() - began, why)
-                said = why
-            if time.monotonic() > deadline:
-                raise ProviderError(
-                    f"RayCluster {name} not ready within {self.settings.start_timeout_s:g}s: {why}",
-                    permanent=False,
-                )
-            await asyncio.sleep(self.settings.poll_s)
-
-    async def _api_up(self, info: ClusterInfo) -> bool:
-        try:
-            resp = await self._http.get(info.dashboard_url + "/api/serve/applications/", timeout=2)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
+        log.info("RayCluster %s/%s created; KubeRay brings it up", namespace, name)
+        return info
 
     # ---- observe --------------------------------------------------------------------
-    async def liveness(self, info: ClusterInfo) -> Liveness:
-        """DEAD only when the cluster raygate deployed is gone: the object is deleted (or
-        replaced by another of the same name), its head pod was replaced (a new Ray cluster,
-        without the Serve apps), or its start never finished (no address was recorded; the
-        planner then starts a fresh one). A head pod that is not ready, or a dashboard that
-        does not answer, is UNREACHABLE: whether that lasts too long is the planner's call,
-        with the same window as any cluster."""
-        if not info.serve_host:
-            return Liveness.DEAD
+    async def observe(self, info: ClusterInfo) -> Seen:
+        """What KubeRay says of the cluster, and where it is now.
+
+        DEAD only when the cluster raygate made is gone: the object is deleted, being
+        deleted, or replaced by another of the same name (a new uid). A head pod that is not
+        ready, or a dashboard that does not answer, is UNREACHABLE once the cluster was up
+        (whether that lasts too long is the planner's call, with the same window as any
+        cluster), STARTING before. A head pod replaced by KubeRay comes back at a new
+        address, which the returned record carries (with GCS fault tolerance the same Ray
+        cluster; without, an empty one that the planner deploys to again)."""
+        was_up = bool(info.serve_host)
         try:
-            obj = await self._get(info.data["name"], info.data["namespace"])
+            obj = await self._get(info.data["name"], info.data["namespace"], attempts=2)
         except KubeApiError as exc:  # the API server cannot say: ask the cluster itself
             log.warning("cannot read RayCluster %s: %s", info.id, exc)
-            obj = {}
+            if not was_up:
+                return Seen(Liveness.STARTING, info, f"cannot read the RayCluster: {exc}")
+            return Seen(await self._dashboard(info), info, f"cannot read the RayCluster: {exc}")
         if obj is None:
-            return Liveness.DEAD
-        if obj:
-            if obj.get("metadata", {}).get("deletionTimestamp"):
-                return Liveness.DEAD
-            seen, recorded = identity(obj), info.data
-            for key in ("uid", "head_pod"):
-                if recorded.get(key) and seen.get(key) and recorded[key] != seen[key]:
-                    log.warning("RayCluster %s: %s changed from %s to %s: its Ray cluster is new",
-                                info.id, key, recorded[key], seen[key])  # fmt: skip
-                    return Liveness.DEAD
-            if not readiness(obj)[0]:
-                return Liveness.UNREACHABLE
+            return Seen(Liveness.DEAD, info, "the RayCluster is gone")
+        meta = obj.get("metadata", {})
+        if meta.get("deletionTimestamp"):
+            return Seen(Liveness.DEAD, info, "the RayCluster is being deleted")
+        seen = identity(obj)
+        if info.data.get("uid") and seen.get("uid") and info.data["uid"] != seen["uid"]:
+            log.warning("RayCluster %s was replaced by another of the same name", info.id)
+            return Seen(Liveness.DEAD, info, "the RayCluster was replaced by another")
+        error = self._replica_failure(info.id, obj)
+        ready, why = readiness(obj)
+        waiting = Liveness.UNREACHABLE if was_up else Liveness.STARTING
+        if not ready:
+            return Seen(waiting, info, why, error)
+        try:
+            found = replace(info, **address(obj, info.data["ports"]),
+                            data={**info.data, **seen})  # fmt: skip
+        except ProviderError as exc:
+            return Seen(waiting, info, str(exc), error)
+        if found.serve_host != info.serve_host and was_up:
+            log.warning("RayCluster %s: its head moved from %s to %s (a new head pod)",
+                        info.id, info.serve_host, found.serve_host)  # fmt: skip
+        liveness = await self._dashboard(found)
+        if liveness is Liveness.UP:
+            return Seen(Liveness.UP, found, "", error)
+        return Seen(waiting, found if was_up else info, "the dashboard does not answer yet",
+                    error)  # fmt: skip
+
+    async def _dashboard(self, info: ClusterInfo) -> Liveness:
         try:
             resp = await self._http.get(info.dashboard_url + "/api/version", timeout=2)
             if resp.status_code == 200:
@@ -279,11 +298,24 @@ class KubeRayProvider:
             pass
         return Liveness.UNREACHABLE
 
+    def _replica_failure(self, cluster: str, obj: dict[str, Any]) -> str | None:
+        """KubeRay's ReplicaFailure held for `replica_failure_s`: it cannot create the pods
+        (a quota, an admission webhook), which rarely heals by itself."""
+        failure = replica_failure(obj)
+        if failure is None:
+            self._failing.pop(cluster, None)
+            return None
+        since = self._failing.setdefault(cluster, time.monotonic())
+        if time.monotonic() - since < self.settings.replica_failure_s:
+            return None
+        return f"KubeRay cannot create the pods of RayCluster {cluster}: {failure}"
+
     # ---- delete ---------------------------------------------------------------------
     async def delete(self, info: ClusterInfo) -> None:
         """Deletes the RayCluster (background propagation: KubeRay's pods and Services go
         with it). Idempotent: an object already gone is success."""
         await self._delete(info.data["name"], info.data["namespace"])
+        self._failing.pop(info.id, None)
 
     async def _delete(self, name: str, namespace: str) -> None:
         from kubernetes import client
@@ -293,12 +325,14 @@ class KubeRayProvider:
             await self._call("delete", name, self._objects.delete_namespaced_custom_object,
                              GROUP, VERSION, namespace, PLURAL, name, body=options)  # fmt: skip
         except KubeApiError as exc:
-            if exc.status != 404:
+            if exc.status != 404 or not exc.names(name):
                 raise
         log.info("RayCluster %s/%s deleted", namespace, name)
 
     async def orphans(self, known: Sequence[ClusterInfo]) -> list[str]:
-        """RayClusters labelled as this raygate's, in its namespace, that no record knows."""
+        """RayClusters labelled with this raygate's instance id, in its namespace, that no
+        record knows. Called before any cluster is created (recovery), so a record of a
+        cluster being made cannot be missed."""
         ids = {i.id for i in known}
         selector = f"{MANAGED_BY}=raygate,{INSTANCE_LABEL}={self.settings.instance}"
         listed = await self._call(
@@ -317,29 +351,31 @@ class KubeRayProvider:
         return sorted(strays)
 
     # ---- the API --------------------------------------------------------------------
-    async def _get(self, name: str, namespace: str) -> dict[str, Any] | None:
+    async def _get(self, name: str, namespace: str, attempts: int | None = None
+                   ) -> dict[str, Any] | None:  # fmt: skip
         try:
             obj: dict[str, Any] = await self._call(
                 "get", name, self._objects.get_namespaced_custom_object,
-                GROUP, VERSION, namespace, PLURAL, name,
+                GROUP, VERSION, namespace, PLURAL, name, attempts=attempts,
             )  # fmt: skip
         except KubeApiError as exc:
-            if exc.status == 404:
-                return None
+            if exc.status == 404 and exc.names(name):
+                return None  # the object is gone (not: the resource type is unknown)
             raise
         return obj
 
     async def _call(self, verb: str, name: str, fn: Callable[..., T], *args: Any,
-                    **kwargs: Any) -> T:  # fmt: skip
+                    attempts: int | None = None, **kwargs: Any) -> T:  # fmt: skip
         """One API call in a worker thread; transient failures are retried with backoff."""
         kwargs.setdefault("_request_timeout", self.settings.request_timeout_s)
-        for attempt in range(1, self.settings.attempts + 1):
+        tries = attempts or self.settings.attempts
+        for attempt in range(1, tries + 1):
             try:
                 return await asyncio.to_thread(fn, *args, **kwargs)
             except Exception as exc:
                 error = api_error(exc, verb, f"RayCluster {name}" if name else "RayClusters",
                                   self.settings.namespace)  # fmt: skip
-                if error.permanent or attempt == self.settings.attempts:
+                if error.permanent or attempt == tries:
                     raise error from None
                 delay = self.settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
                 log.warning("%s; retrying in %.1fs", error, delay)
@@ -357,18 +393,22 @@ def api_error(exc: Exception, verb: str, what: str, namespace: str) -> KubeApiEr
     if isinstance(exc, ApiException):
         status = int(exc.status or 0)
         detail = exc.reason or ""
+        details: dict[str, Any] | None = None
         try:
             body = json.loads(exc.body or "")
-            if isinstance(body, dict) and body.get("message"):
-                detail = f"{body.get('reason') or exc.reason}: {body['message']}"
         except ValueError:
-            pass
+            body = None
+        if isinstance(body, dict):
+            if body.get("message"):
+                detail = f"{body.get('reason') or exc.reason}: {body['message']}"
+            if isinstance(body.get("details"), dict):
+                details = body["details"]
         hint = ""
         if status == 404 and verb in ("create", "list"):
             hint = " (is the KubeRay operator installed? its RayCluster CRD is missing)"
         message = (f"Kubernetes API refused to {verb} {what} in namespace {namespace}: "
                    f"{status} {detail}{hint}")  # fmt: skip
-        return KubeApiError(message, status, permanent=status not in TRANSIENT_STATUS)
+        return KubeApiError(message, status, status not in TRANSIENT_STATUS, details)
     # No answer at all (urllib3: connection refused, timeout, DNS): worth another try.
     return KubeApiError(f"Kubernetes API unreachable ({verb} {what}): {exc!r}", None, False)
 
@@ -406,21 +446,37 @@ def replica_failure(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def address(obj: dict[str, Any]) -> dict[str, Any]:
+def head_ports(ray: dict[str, Any]) -> dict[str, int]:
+    """The head container's dashboard and serve ports: as the user listed them by name, the
+    dashboard's from `rayStartParams["dashboard-port"]` when set there, else KubeRay's
+    defaults. These are the numbers raygate dials at the head Service's IP and Serve binds."""
+    head = ray.get("headGroupSpec") or {}
+    container = ((head.get("template") or {}).get("spec") or {}).get("containers", [{}])[0]
+    listed = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+    ports = dict(DEFAULT_PORTS)
+    param = (head.get("rayStartParams") or {}).get("dashboard-port")
+    if param is not None and str(param).isdigit():
+        ports["dashboard"] = int(param)
+    for name in DEFAULT_PORTS:
+        if isinstance(listed.get(name), int):
+            ports[name] = int(listed[name])
+    return ports
+
+
+def address(obj: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
     """The ClusterInfo fields for where raygate reaches a ready RayCluster: the head
-    Service's IP and the ports KubeRay published; Serve binds every interface of the pod."""
+    Service's IP (the pod IP for KubeRay's default headless Service) at the head container's
+    ports; Serve binds every interface of the pod."""
     status = obj.get("status") or {}
     head = status.get("head") or {}
     host = head.get("serviceIP") or head.get("podIP")
     if not host:
         raise ProviderError(f"RayCluster {obj['metadata']['name']} is ready but reports no "
                             "head address (status.head.serviceIP)", permanent=False)  # fmt: skip
-    endpoints = status.get("endpoints") or {}
-    ports = {name: int(endpoints.get(name, default)) for name, default in DEFAULT_PORTS.items()}
     return {
         "dashboard_url": f"http://{_host(host)}:{ports['dashboard']}",
         "serve_host": host,
-        "serve_port": ports["serve"],
+        "serve_port": int(ports["serve"]),
         "bind_host": "0.0.0.0",
     }
 

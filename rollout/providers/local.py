@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from rollout.plan import Liveness
-from rollout.providers.base import ClusterInfo, ProviderError
+from rollout.providers.base import ClusterInfo, ProviderError, Seen
 from rollout.spec import OUR_ENV_PREFIX, ClusterSpec, ServiceSpec
 
 log = logging.getLogger("raygate.local")
@@ -208,6 +208,9 @@ class LocalProvider:
         return resp.status_code == 200
 
     # ---- observe --------------------------------------------------------------------
+    async def observe(self, info: ClusterInfo) -> Seen:
+        return Seen(await self.liveness(info), info)
+
     async def liveness(self, info: ClusterInfo) -> Liveness:
         """DEAD only when the cluster is gone: its GCS server (the head of every Ray cluster)
         has no live process. A dashboard that does not answer is UNREACHABLE: its processes,
