@@ -13,6 +13,15 @@ import httpx
 APPLICATIONS = "/api/serve/applications/"
 
 
+async def dashboard_answers(client: httpx.AsyncClient, dashboard_url: str) -> bool:
+    """The dashboard answers its version: the cheap sign a Ray cluster's head is there."""
+    try:
+        resp = await client.get(dashboard_url + "/api/version", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200
+
+
 class ServeApiError(Exception):
     def __init__(self, message: str, permanent: bool) -> None:
         super().__init__(message)

@@ -239,6 +239,19 @@ class Load:
         wait_for(f"{n} requests", lambda: len(self.outcomes) >= n, within_s, 0.1)
 
 
+def live_cluster(rg: Raygate, revision: int | None = None, within_s: float = 300) -> str:
+    """The digits service's active cluster once it is live (at `revision`, if given)."""
+
+    def check() -> str | None:
+        s = rg.status("digits")
+        active = s["active"]
+        if s["phase"] == "live" and active and (revision is None or active["revision"] == revision):
+            return str(active["cluster"])
+        return None
+
+    return wait_for(f"digits live at revision {revision}", check, within_s)
+
+
 @contextlib.contextmanager
 def running_raygate(state_dir: Path, engine: str = "python") -> Iterator[Raygate]:
     """`raygate up` with the digits v1 spec; stopped afterwards, and no Ray process of its may

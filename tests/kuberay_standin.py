@@ -98,7 +98,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from rollout.providers.local import _alive, _claimed_ancestor, _is_gcs
+from rollout.providers.local import _alive, _is_gcs, marked_processes
 from tests.kube import KubeApi
 
 log = logging.getLogger("tests.kuberay_standin")
@@ -780,34 +780,7 @@ def _terminate(pids: list[int], grace_s: float) -> None:
 def standin_processes(owner: str | None = None) -> dict[int, str]:
     """pid -> pod name of every live process of a stand-in head (of one stand-in, when
     `owner` is given), by the markers on the process or on an ancestor."""
-    owner_mark = None if owner is None else f"{OWNER_ENV}={owner}".encode()
-    prefix = f"{POD_ENV}=".encode()
-    parents: dict[int, int] = {}
-    claimed: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if fields[0] == "Z":
-            continue
-        parents[pid] = int(fields[1])
-        variables = environ.split(b"\0")
-        if owner_mark is not None and owner_mark not in variables:
-            continue
-        pod = next((v[len(prefix) :] for v in variables if v.startswith(prefix)), b"")
-        if pod:
-            claimed[pid] = pod.decode()
-    found: dict[int, str] = {}
-    for pid in parents:
-        pod_name = _claimed_ancestor(pid, parents, claimed)
-        if pod_name is not None:
-            found[pid] = pod_name
-    return found
+    return marked_processes(None if owner is None else f"{OWNER_ENV}={owner}", POD_ENV)
 
 
 @contextlib.contextmanager

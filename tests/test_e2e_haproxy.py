@@ -17,11 +17,12 @@ from tests.harness import (
     EXAMPLES,
     Load,
     Raygate,
+    live_cluster,
     marked_processes,
     running_raygate,
     wait_for,
 )
-from tests.test_e2e_ray import assert_clean_switch, live_cluster, no_failures, push_under_load
+from tests.test_e2e_ray import assert_clean_switch, no_failures, push_under_load
 
 pytestmark = pytest.mark.ray
 

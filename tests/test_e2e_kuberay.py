@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.harness import EXAMPLES, Load, Raygate, wait_for
+from tests.harness import EXAMPLES, Load, Raygate, live_cluster, wait_for
 from tests.kube import KubeApi
 from tests.kuberay_standin import KubeRayStandIn, kuberay
 
@@ -160,17 +160,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         finally:
             if rg.proc is not None:
                 rg.kill(signal.SIGTERM)
-
-
-def live_cluster(rg: Raygate, revision: int | None = None, within_s: float = 300) -> str:
-    def check() -> str | None:
-        s = rg.status("digits")
-        active = s["active"]
-        if s["phase"] == "live" and active and (revision is None or active["revision"] == revision):
-            return str(active["cluster"])
-        return None
-
-    return wait_for(f"digits live at revision {revision}", check, within_s)
 
 
 def names(kube: KubeEnv) -> set[str]:

@@ -19,7 +19,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import EXAMPLES, Load, Raygate, marked_processes, running_raygate, wait_for
+from tests.harness import (
+    EXAMPLES,
+    Load,
+    Raygate,
+    live_cluster,
+    marked_processes,
+    running_raygate,
+    wait_for,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -30,17 +38,6 @@ SPECS = Path(__file__).resolve().parent / "specs"
 def rg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Raygate]:
     with running_raygate(tmp_path_factory.mktemp("e2e") / "state", "python") as gate:
         yield gate
-
-
-def live_cluster(rg: Raygate, revision: int | None = None) -> str:
-    def check() -> str | None:
-        s = rg.status("digits")
-        active = s["active"]
-        if s["phase"] == "live" and active and (revision is None or active["revision"] == revision):
-            return str(active["cluster"])
-        return None
-
-    return wait_for(f"digits live at revision {revision}", check, 240)
 
 
 def push_under_load(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.haproxy_procs import haproxy_masters
-from tests.harness import EXAMPLES, Load, Raygate, marked_processes, running_raygate
-from tests.test_e2e_ray import assert_clean_switch, live_cluster, no_failures
+from tests.harness import EXAMPLES, Load, Raygate, live_cluster, marked_processes, running_raygate
+from tests.test_e2e_ray import assert_clean_switch, no_failures
 from tests.test_up import exit_of, up
 
 pytestmark = pytest.mark.ray

@@ -44,6 +44,7 @@ import httpx
 
 from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo, ProviderError, Seen
+from rollout.serve_client import dashboard_answers
 from rollout.spec import ClusterSpec, ServiceSpec
 
 log = logging.getLogger("raygate.kuberay")
@@ -290,13 +291,8 @@ class KubeRayProvider:
                     error)  # fmt: skip
 
     async def _dashboard(self, info: ClusterInfo) -> Liveness:
-        try:
-            resp = await self._http.get(info.dashboard_url + "/api/version", timeout=2)
-            if resp.status_code == 200:
-                return Liveness.UP
-        except httpx.HTTPError:
-            pass
-        return Liveness.UNREACHABLE
+        up = await dashboard_answers(self._http, info.dashboard_url)
+        return Liveness.UP if up else Liveness.UNREACHABLE
 
     def _replica_failure(self, cluster: str, obj: dict[str, Any]) -> str | None:
         """KubeRay's ReplicaFailure held for `replica_failure_s`: it cannot create the pods

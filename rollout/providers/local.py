@@ -33,6 +33,7 @@ import httpx
 
 from rollout.plan import Liveness
 from rollout.providers.base import ClusterInfo, ProviderError, Seen
+from rollout.serve_client import dashboard_answers
 from rollout.spec import OUR_ENV_PREFIX, ClusterSpec, ServiceSpec
 
 log = logging.getLogger("raygate.local")
@@ -217,12 +218,8 @@ class LocalProvider:
         Serve's proxy and replicas included, may well keep serving. Whether that lasts too
         long is the planner's call. (`start` returns once the dashboard answers, so a local
         cluster is never observed STARTING.)"""
-        try:
-            resp = await self._http.get(info.dashboard_url + "/api/version", timeout=2)
-            if resp.status_code == 200:
-                return Liveness.UP
-        except httpx.HTTPError:
-            pass
+        if await dashboard_answers(self._http, info.dashboard_url):
+            return Liveness.UP
         if not any(_is_gcs(pid) for pid in self.pids(info.id)):
             return Liveness.DEAD
         return Liveness.UNREACHABLE
@@ -235,33 +232,8 @@ class LocalProvider:
         modules (setproctitle), which can overwrite the environment block /proc shows. A
         process with our owner marker whose cluster cannot be told is never claimed.
         """
-        owner = f"{OWNER_ENV}={self.owner}".encode()
-        prefix = f"{CLUSTER_ENV}=".encode()
-        parents: dict[int, int] = {}
-        claimed: dict[int, str] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
-            except (OSError, IndexError):
-                continue
-            if fields[0] == "Z":
-                continue
-            parents[pid] = int(fields[1])
-            variables = environ.split(b"\0")
-            if owner in variables:
-                raw = next((v[len(prefix) :] for v in variables if v.startswith(prefix)), b"")
-                if raw:
-                    claimed[pid] = raw.decode()
-        found: dict[int, str] = {}
-        for pid in parents:
-            cid = _claimed_ancestor(pid, parents, claimed)
-            if cid is not None and (cluster_id is None or cid == cluster_id):
-                found[pid] = cid
-        return found
+        found = marked_processes(f"{OWNER_ENV}={self.owner}", CLUSTER_ENV)
+        return {p: c for p, c in found.items() if cluster_id is None or c == cluster_id}
 
     # ---- delete ---------------------------------------------------------------------
     async def delete(self, info: ClusterInfo) -> None:
@@ -303,6 +275,39 @@ class LocalProvider:
             log.warning("stopping orphan Ray cluster %s", cid)
             await self._stop(cid)
         return strays
+
+
+def marked_processes(owner_marker: str | None, name_var: str) -> dict[int, str]:
+    """pid -> name of every live process whose environment, or an ancestor's, sets
+    `name_var` (the nearest one's value), among those carrying `owner_marker` ("VAR=value";
+    None: any). Read from /proc: the processes need not be our children."""
+    owner = owner_marker.encode() if owner_marker is not None else None
+    prefix = f"{name_var}=".encode()
+    parents: dict[int, int] = {}
+    claimed: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z":
+            continue
+        parents[pid] = int(fields[1])
+        variables = environ.split(b"\0")
+        if owner is None or owner in variables:
+            raw = next((v[len(prefix) :] for v in variables if v.startswith(prefix)), b"")
+            if raw:
+                claimed[pid] = raw.decode()
+    found: dict[int, str] = {}
+    for pid in parents:
+        name = _claimed_ancestor(pid, parents, claimed)
+        if name is not None:
+            found[pid] = name
+    return found
 
 
 def _claimed_ancestor(pid: int, parents: dict[int, int], claimed: dict[int, str]) -> str | None:
