@@ -539,3 +539,51 @@ async def test_recovery_does_not_wait_on_an_api_server_that_hangs(
 
     monkeypatch.setattr(rig.provider, "orphans", orphans)
     await asyncio.wait_for(rig.controller.recover(), 5)
+
+
+class CleaningStartDouble(ProviderDouble):
+    """A provider whose start, when cancelled, first stops what it began (as the local
+    provider would have to: its `ray start` runs on in a session of its own), and that
+    cleanup is itself an await."""
+
+    def __init__(self, serve: ServeDouble) -> None:
+        super().__init__(serve)
+        self.cleaning = asyncio.Event()
+        self.cleaned = asyncio.Event()
+
+    async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
+        try:
+            return await super().start(info, spec)
+        except asyncio.CancelledError:
+            self.cleaning.set()
+            await self.cleaned.wait()
+            raise
+
+
+async def test_stop_returns_while_a_superseded_start_is_being_cancelled(tmp_path: Path) -> None:
+    """A push supersedes a cluster still starting: `_delete` cancels its start and waits for
+    it. A shutdown (SIGTERM) arriving then cancels the service loop; that cancellation must
+    end the loop, or `stop()` waits on it for ever and raygate never exits."""
+    serve = ServeDouble()
+    provider = CleaningStartDouble(serve)
+    store = Store(tmp_path / "raygate.db")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(serve.handler)) as http:
+        controller = Controller(store, provider, DataPlaneDouble(), http,
+                                ControllerSettings(tick_s=0.05, create_wait_s=0.05))  # fmt: skip
+        await controller.start()
+        provider.hold_start = asyncio.Event()  # no cluster comes up
+        store.push(make_spec(), 0.0)
+        controller.wake("svc")
+        await asyncio.wait_for(provider.reached.wait(), 10)
+        store.push(make_spec(cpus=4), 0.0)  # supersedes the cluster being started
+        controller.wake("svc")
+        await asyncio.wait_for(provider.cleaning.wait(), 10)
+        stopping = asyncio.create_task(controller.stop(delete_clusters=False))
+        done, _ = await asyncio.wait({stopping}, timeout=5)
+        if not done:  # free the stuck loop so the test itself ends
+            for task in list(controller._tasks.values()):
+                task.cancel()
+            await stopping
+        provider.hold_start.set()
+        store.close()
+        assert stopping in done, "stop() did not return: the service loop outlived its cancel"
