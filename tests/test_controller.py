@@ -549,14 +549,13 @@ class CleaningStartDouble(ProviderDouble):
     def __init__(self, serve: ServeDouble) -> None:
         super().__init__(serve)
         self.cleaning = asyncio.Event()
-        self.cleaned = asyncio.Event()
 
     async def start(self, info: ClusterInfo, spec: ClusterSpec) -> ClusterInfo:
         try:
             return await super().start(info, spec)
         except asyncio.CancelledError:
             self.cleaning.set()
-            await self.cleaned.wait()
+            await asyncio.sleep(0.5)  # the double's model of a cleanup's duration
             raise
 
 
