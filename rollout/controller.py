@@ -468,8 +468,9 @@ class Controller:
         creating = self._creating.pop(info.id, None)
         if creating is not None and not creating.done():  # superseded while it started
             creating.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await creating
+            # asyncio.wait, not `await creating`: a cancel of *this* task (shutdown) must
+            # not be taken for the start's own CancelledError and swallowed.
+            await asyncio.wait({creating})
         await self.provider.delete(info)
         self.store.drop_cluster(info.id)
         self._errors = {k: v for k, v in self._errors.items() if k[0] != info.id}
