@@ -332,3 +332,13 @@ def test_autoscaled_worker_groups_need_no_bounds() -> None:
     ray = {**RAY, "enableInTreeAutoscaling": True,
            "workerGroupSpecs": [{**WORKER, "minReplicas": None, "maxReplicas": None}]}  # fmt: skip
     parse_spec(spec(kuberay=ray))
+
+
+def test_a_worker_group_without_bounds_is_accepted_the_crd_defaults_them() -> None:
+    """KubeRay's CRD defaults minReplicas to 0 and maxReplicas to 2147483647
+    (`+kubebuilder:default` on WorkerGroupSpec), and the API server applies schema defaults
+    (pruning a null first) before the operator ever validates: the operator's "must set both"
+    rule never meets an object that omits them. Refusing such a spec at push refuses one that
+    KubeRay runs (e.g. a group with `replicas: 1` only)."""
+    group = {k: v for k, v in WORKER.items() if k not in ("minReplicas", "maxReplicas")}
+    parse_spec(spec(kuberay={**RAY, "workerGroupSpecs": [{**group, "replicas": 1}]}))
