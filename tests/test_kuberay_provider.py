@@ -342,3 +342,56 @@ def test_a_worker_group_without_bounds_is_accepted_the_crd_defaults_them() -> No
     KubeRay runs (e.g. a group with `replicas: 1` only)."""
     group = {k: v for k, v in WORKER.items() if k not in ("minReplicas", "maxReplicas")}
     parse_spec(spec(kuberay={**RAY, "workerGroupSpecs": [{**group, "replicas": 1}]}))
+
+
+class SlowCreateObjectsDouble:
+    """A double of the client's CustomObjectsApi (the blocking calls run in a worker
+    thread): its create is in flight until `release` is set, as over a slow API server."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.in_flight = threading.Event()
+        self.objects: dict[str, dict[str, Any]] = {}
+
+    def create_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        body = args[4]
+        self.in_flight.set()
+        self.release.wait(10)
+        self.objects[body["metadata"]["name"]] = body
+        return body
+
+    def delete_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        name = args[4]
+        if name not in self.objects:
+            exc = ApiException(status=404, reason="Not Found")
+            exc.body = json.dumps({"reason": "NotFound", "message": f"{name} not found",
+                                   "details": {"name": name}})  # fmt: skip
+            raise exc
+        return self.objects.pop(name)
+
+
+async def test_a_start_cancelled_mid_create_leaves_no_raycluster_after_its_delete() -> None:
+    """The controller cancels a start that is superseded (or outlasts the health timeout)
+    and then deletes the cluster. The create already sent goes on in its worker thread: a
+    delete that reaches the API first answers 404 ("gone"), the record is dropped, and the
+    RayCluster created a moment later runs on, pods and all, known to no record."""
+    import asyncio
+
+    p = provider()
+    objects = SlowCreateObjectsDouble()
+    p._objects = objects
+    raw = spec(kuberay=RAY)
+    parsed = parse_spec(raw)
+    info = p.allocate("digits-abc123", "digits", parsed.cluster, [])
+    starting = asyncio.create_task(p.start(info, parsed.cluster))
+    assert await asyncio.to_thread(objects.in_flight.wait, 5)
+    starting.cancel()  # what Controller._delete does to a start under way
+    await asyncio.wait({starting})
+    await p.delete(info)  # ... and then this
+    objects.release.set()
+    deadline = asyncio.get_running_loop().time() + 5
+    while asyncio.get_running_loop().time() < deadline and not objects.objects:
+        await asyncio.sleep(0.05)  # the worker thread has no event to await here
+    assert not objects.objects, f"left running after its delete: {list(objects.objects)}"
