@@ -353,6 +353,7 @@ class SlowCreateObjectsDouble:
 
         self.release = threading.Event()
         self.in_flight = threading.Event()
+        self.created = threading.Event()
         self.objects: dict[str, dict[str, Any]] = {}
 
     def create_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -360,6 +361,7 @@ class SlowCreateObjectsDouble:
         self.in_flight.set()
         self.release.wait(10)
         self.objects[body["metadata"]["name"]] = body
+        self.created.set()
         return body
 
     def delete_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -388,10 +390,8 @@ async def test_a_start_cancelled_mid_create_leaves_no_raycluster_after_its_delet
     starting = asyncio.create_task(p.start(info, parsed.cluster))
     assert await asyncio.to_thread(objects.in_flight.wait, 5)
     starting.cancel()  # what Controller._delete does to a start under way
+    asyncio.get_running_loop().call_later(0.3, objects.release.set)  # the answer comes late
     await asyncio.wait({starting})
     await p.delete(info)  # ... and then this
-    objects.release.set()
-    deadline = asyncio.get_running_loop().time() + 5
-    while asyncio.get_running_loop().time() < deadline and not objects.objects:
-        await asyncio.sleep(0.05)  # the worker thread has no event to await here
+    assert await asyncio.to_thread(objects.created.wait, 5)
     assert not objects.objects, f"left running after its delete: {list(objects.objects)}"
