@@ -366,8 +366,16 @@ class KubeRayProvider:
         kwargs.setdefault("_request_timeout", self.settings.request_timeout_s)
         tries = attempts or self.settings.attempts
         for attempt in range(1, tries + 1):
+            call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
             try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The request is on the wire and its thread goes on: hear its answer (its
+                # timeout bounds the wait), so a delete that follows finds what it created.
+                await asyncio.wait({call})
+                if not call.cancelled():
+                    call.exception()  # retrieved: the caller is gone
+                raise
             except Exception as exc:
                 error = api_error(exc, verb, f"RayCluster {name}" if name else "RayClusters",
                                   self.settings.namespace)  # fmt: skip
