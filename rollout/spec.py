@@ -330,9 +330,8 @@ def _check_worker_group(group: Any, at: str, autoscaling: bool,
         if value is not None and (not isinstance(value, int) or value < 0):
             problems.append((f"{at}.{key}", "a whole number, at least 0"))
     low, high = bounds["minReplicas"], bounds["maxReplicas"]
-    if not autoscaling and (low is None or high is None):
-        problems.append((at, "KubeRay requires minReplicas and maxReplicas when "
-                         "enableInTreeAutoscaling is off"))  # fmt: skip
+    # Not refused when absent: the CRD defaults them (0 and 2147483647) before KubeRay
+    # validates, so its "must set both" rule never meets a spec that omits them.
     if isinstance(low, int) and isinstance(high, int) and low > high:
         problems.append((f"{at}.minReplicas", f"greater than maxReplicas ({low} > {high})"))
     _check_group_resources(group, at, problems)

@@ -297,9 +297,6 @@ def with_ports(*ports: dict[str, Any]) -> dict[str, Any]:
     ("ray", "field", "words"),
     [
         # What KubeRay v1.7's ValidateRayClusterSpec refuses with a Warning Event only.
-        ({**RAY, "workerGroupSpecs": [{**WORKER, "minReplicas": None, "maxReplicas": None,
-                                       "replicas": 2}]},
-         "cluster.kuberay.workerGroupSpecs[0]", "minReplicas and maxReplicas"),
         ({**RAY, "workerGroupSpecs": [{**WORKER, "minReplicas": 3, "maxReplicas": 1}]},
          "cluster.kuberay.workerGroupSpecs[0].minReplicas", "greater than maxReplicas"),
         ({**RAY, "workerGroupSpecs": [{**WORKER, "groupName": ""}]},
@@ -318,7 +315,7 @@ def with_ports(*ports: dict[str, Any]) -> dict[str, Any]:
         ({**RAY, "authOptions": {"mode": "token"}}, "cluster.kuberay.authOptions",
          "cannot yet authenticate"),
     ],
-    ids=["no-min-max", "min-over-max", "no-group-name", "cpus-twice", "labels-param",
+    ids=["min-over-max", "no-group-name", "cpus-twice", "labels-param",
          "port-named-otherwise", "dashboard-port-mismatch", "token-auth"],
 )  # fmt: skip
 def test_what_kuberay_would_refuse_is_refused_at_push(
