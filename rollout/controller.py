@@ -59,7 +59,9 @@ log = logging.getLogger("raygate.controller")
 SERVE_KEEP_ALIVE_S = 90
 
 
-ORPHAN_SWEEP_S = 30.0  # recovery never waits longer than this on a provider's orphan sweep
+# Recovery never waits longer than this on a provider's orphan sweep (an API server that
+# hangs); a sweep cut short is done again at the next start.
+ORPHAN_SWEEP_S = 60.0
 
 
 @dataclass(frozen=True)

@@ -262,9 +262,8 @@ def _check_kuberay(cluster: ClusterSpec, problems: list[tuple[str, str]]) -> Non
     if not isinstance(workers, list):
         problems.append((f"{at}.workerGroupSpecs", "a list of worker groups"))
         return
-    autoscaling = bool(cluster.kuberay.get("enableInTreeAutoscaling"))
     for i, group in enumerate(workers):
-        _check_worker_group(group, f"{at}.workerGroupSpecs[{i}]", autoscaling, problems)
+        _check_worker_group(group, f"{at}.workerGroupSpecs[{i}]", problems)
 
 
 # The ports raygate dials on the head container (by name) and KubeRay's numbers for them.
@@ -313,8 +312,7 @@ def _check_group_resources(group: dict[str, Any], at: str, problems: list[tuple[
                          "top-level labels field"))  # fmt: skip
 
 
-def _check_worker_group(group: Any, at: str, autoscaling: bool,
-                        problems: list[tuple[str, str]]) -> None:  # fmt: skip
+def _check_worker_group(group: Any, at: str, problems: list[tuple[str, str]]) -> None:
     """What KubeRay v1.7's validation refuses of a worker group: it would answer the
     RayCluster with a Warning Event only, and the rollout would wait out its health timeout."""
     if not isinstance(group, dict):

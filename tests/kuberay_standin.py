@@ -159,17 +159,17 @@ def _spec_error(spec: dict[str, Any]) -> str | None:
         return "headGroupSpec should have at least one container"
     if err := _group_error("Head", head):
         return err
-    autoscaling = bool(spec.get("enableInTreeAutoscaling"))
     for group in spec.get("workerGroupSpecs") or []:
         gname = group.get("groupName", "")
         if not ((group.get("template") or {}).get("spec") or {}).get("containers"):
             return "workerGroupSpec should have at least one container"
-        lo, hi = group.get("minReplicas"), group.get("maxReplicas")
-        if not autoscaling and (lo is None or hi is None):
-            return (
-                f"worker group {gname} must set both minReplicas and maxReplicas"
-                " when autoscaling is disabled"
-            )
+        # The API server prunes nulls and applies the CRD's defaults (0, 2147483647) before
+        # KubeRay reads the object: KubeRay's "must set both" rule never meets a group that
+        # leaves them out, so it is not here.
+        lo = group.get("minReplicas")
+        hi = group.get("maxReplicas")
+        lo = 0 if lo is None else lo
+        hi = 2147483647 if hi is None else hi
         if lo is not None and lo < 0:
             return f"worker group {gname} has negative minReplicas {lo}"
         if hi is not None and hi < 0:

@@ -3,6 +3,7 @@ and how it finds a cluster's processes (real processes, started and stopped by t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -157,3 +158,52 @@ async def test_orphans_stops_unknown_clusters_but_not_unnamed_processes(
     for pid in (parent, child):
         assert not running(pid)
     assert running(stray), "it was not ours to stop"
+
+
+async def test_a_cancelled_start_ends_ray_start_and_what_it_spawned(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    """A start superseded (or raygate stopping) while `ray start` runs: nothing of it keeps
+    running. A stand-in for `ray start` (named as such) spawns a child and waits."""
+    import asyncio
+
+    fake_ray_start = tmp_path / "fake-ray-start"
+    fake_ray_start.write_text('#!/bin/sh\nsleep 300 &\necho $! > "$0.child"\nsleep 300\n')
+    fake_ray_start.chmod(0o755)
+    spec = ClusterSpec(python=str(fake_ray_start))
+    info = provider.allocate("c1", "svc", spec, [])
+    task = asyncio.create_task(provider.start(info, spec))
+    child_file = Path(f"{fake_ray_start}.child")
+    for _ in range(100):  # until the stand-in has spawned its child
+        if _read(child_file):
+            break
+        await asyncio.sleep(0.05)
+    child = int(_read(child_file))
+    group = os.getpgid(child)
+    try:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # until it has gone (not our child: no event to await)
+            if _state(child) in ("Z", "gone"):
+                break
+            await asyncio.sleep(0.05)
+        assert _state(child) in ("Z", "gone"), "ray start's child lives on"
+    finally:  # the test started them; it stops them, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    await provider.close()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"

@@ -190,6 +190,10 @@ class LocalProvider:
                 proc.kill()
                 await proc.wait()
                 code = -1
+            except asyncio.CancelledError:  # superseded, or raygate stops: end it all now
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: what it spawned
+                raise
         if code != 0:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise ProviderError(f"`ray start` for {info.id} exited with {code}:\n{tail}")
