@@ -409,17 +409,15 @@ class Controller:
         is quick is done within this tick, a long one goes on beside the service's loop."""
         task = asyncio.create_task(self._create(info, revision), name=f"create-{info.id}")
         self._creating[info.id] = task
-        task.add_done_callback(lambda _t: self.wake(info.service))
+        task.add_done_callback(lambda done: self._created(info, done))
         await asyncio.wait({task}, timeout=self.settings.create_wait_s)
 
-    async def _create(self, info: ClusterInfo, revision: Revision) -> None:
-        try:
-            await self._create_now(info, revision)
-        finally:
-            if self._creating.get(info.id) is asyncio.current_task():
-                del self._creating[info.id]
+    def _created(self, info: ClusterInfo, task: asyncio.Task[None]) -> None:
+        if self._creating.get(info.id) is task:
+            del self._creating[info.id]
+        self.wake(info.service)
 
-    async def _create_now(self, info: ClusterInfo, revision: Revision) -> None:
+    async def _create(self, info: ClusterInfo, revision: Revision) -> None:
         started = time.monotonic()
         # The health gate's clock runs from the decision; a start that outlasts it has failed
         # (a RayCluster whose pods cannot be scheduled would otherwise block this service's
