@@ -270,21 +270,45 @@ def _check_kuberay(cluster: ClusterSpec, problems: list[tuple[str, str]]) -> Non
 HEAD_PORTS = {"dashboard": 8265, "serve": 8000}
 
 
+def head_ports(ray: dict[str, Any]) -> dict[str, int]:
+    """The head container's dashboard and serve ports: as the user listed them by name, the
+    dashboard's from `rayStartParams["dashboard-port"]` when set there, else KubeRay's
+    defaults. These are the numbers raygate lists when missing, dials at the head Service's
+    IP, and has Serve bind."""
+    head = _dig(ray, "headGroupSpec") or {}
+    containers = _dig(head, "template", "spec", "containers")
+    container = containers[0] if isinstance(containers, list) and containers else {}
+    ports = dict(HEAD_PORTS)
+    param = _dashboard_param(head)
+    if param is not None and str(param).isdigit():
+        ports["dashboard"] = int(param)
+    for port in _listed_ports(container):
+        if port.get("name") in HEAD_PORTS and isinstance(port.get("containerPort"), int):
+            ports[port["name"]] = port["containerPort"]
+    return ports
+
+
+def _dashboard_param(head: Any) -> Any:
+    params = _dig(head, "rayStartParams")
+    return params.get("dashboard-port") if isinstance(params, dict) else None
+
+
+def _listed_ports(container: Any) -> list[dict[str, Any]]:
+    listed = container.get("ports") if isinstance(container, dict) else None
+    return [p for p in listed if isinstance(p, dict)] if isinstance(listed, list) else []
+
+
 def _check_head_ports(
     head: dict[str, Any], container: Any, at: str, problems: list[tuple[str, str]]
 ) -> None:
     """raygate lists `dashboard` and `serve` when missing: not over a number the user listed
     under another name (the head Service would hold it twice, which the API server
     refuses), and the dashboard where `rayStartParams` puts it."""
-    if not isinstance(container, dict) or not isinstance(container.get("ports", []), list):
-        return
-    listed = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])
-              if isinstance(p, dict)}  # fmt: skip
-    wanted = dict(HEAD_PORTS)
-    param = (head.get("rayStartParams") or {}).get("dashboard-port")
-    if isinstance(param, str) and param.isdigit():
-        wanted["dashboard"] = int(param)
-        if "dashboard" in listed and listed["dashboard"] != int(param):
+    listed = {p.get("name"): p.get("containerPort") for p in _listed_ports(container)}
+    wanted = head_ports({"headGroupSpec": head})
+    param = _dashboard_param(head)
+    if "dashboard" in listed and isinstance(param, str) and param.isdigit():
+        if listed["dashboard"] != int(param):
             problems.append((at, f"the port named dashboard ({listed['dashboard']}) is not "
                              f"rayStartParams dashboard-port ({param})"))  # fmt: skip
     for name, number in wanted.items():

@@ -21,12 +21,11 @@ from rollout.providers.kuberay import (
     KubeRaySettings,
     address,
     api_error,
-    head_ports,
     identity,
     readiness,
 )
 from rollout.providers.local import LocalProvider, LocalSettings
-from rollout.spec import SpecError, parse_spec
+from rollout.spec import SpecError, head_ports, parse_spec
 
 HEAD = {
     "rayStartParams": {"num-cpus": "2"},

@@ -22,6 +22,11 @@ class ProviderError(Exception):
         self.permanent = permanent
 
 
+def url_host(host: str) -> str:
+    """`host` as it goes into a URL: an IPv6 address (a pod IP) in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     id: str
@@ -38,8 +43,7 @@ class ClusterInfo:
 
     @property
     def serve_url(self) -> str:
-        host = f"[{self.serve_host}]" if ":" in self.serve_host else self.serve_host
-        return f"http://{host}:{self.serve_port}"
+        return f"http://{url_host(self.serve_host)}:{self.serve_port}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

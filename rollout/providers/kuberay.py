@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import random
 import time
@@ -43,9 +44,9 @@ from typing import Any, TypeVar
 import httpx
 
 from rollout.plan import Liveness
-from rollout.providers.base import ClusterInfo, ProviderError, Seen
+from rollout.providers.base import ClusterInfo, ProviderError, Seen, url_host
 from rollout.serve_client import dashboard_answers
-from rollout.spec import ClusterSpec, ServiceSpec
+from rollout.spec import ClusterSpec, ServiceSpec, head_ports
 
 log = logging.getLogger("raygate.kuberay")
 
@@ -53,8 +54,6 @@ GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayclusters", "RayCluster"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 SERVICE_LABEL = "raygate.io/service"
 INSTANCE_LABEL = "raygate.io/instance"
-# The ports raygate reaches a cluster on, by the names KubeRay gives them, and its defaults.
-DEFAULT_PORTS = {"dashboard": 8265, "serve": 8000}
 # What KubeRay's head Service carries when the head container lists no port.
 KUBERAY_DEFAULT_PORTS = {"client": 10001, "gcs-server": 6379, "dashboard": 8265,
                          "metrics": 8080, "serve": 8000}  # fmt: skip
@@ -390,8 +389,6 @@ class KubeRayProvider:
 def api_error(exc: Exception, verb: str, what: str, namespace: str) -> KubeApiError:
     """A clear message from whatever the client raised: the API server's own `Status`
     message when it sent one (it names the user, verb and resource on a 403)."""
-    import json
-
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
@@ -450,23 +447,6 @@ def replica_failure(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def head_ports(ray: dict[str, Any]) -> dict[str, int]:
-    """The head container's dashboard and serve ports: as the user listed them by name, the
-    dashboard's from `rayStartParams["dashboard-port"]` when set there, else KubeRay's
-    defaults. These are the numbers raygate dials at the head Service's IP and Serve binds."""
-    head = ray.get("headGroupSpec") or {}
-    container = ((head.get("template") or {}).get("spec") or {}).get("containers", [{}])[0]
-    listed = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
-    ports = dict(DEFAULT_PORTS)
-    param = (head.get("rayStartParams") or {}).get("dashboard-port")
-    if param is not None and str(param).isdigit():
-        ports["dashboard"] = int(param)
-    for name in DEFAULT_PORTS:
-        if isinstance(listed.get(name), int):
-            ports[name] = int(listed[name])
-    return ports
-
-
 def address(obj: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
     """The ClusterInfo fields for where raygate reaches a ready RayCluster: the head
     Service's IP (the pod IP for KubeRay's default headless Service) at the head container's
@@ -478,7 +458,7 @@ def address(obj: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
         raise ProviderError(f"RayCluster {obj['metadata']['name']} is ready but reports no "
                             "head address (status.head.serviceIP)", permanent=False)  # fmt: skip
     return {
-        "dashboard_url": f"http://{_host(host)}:{ports['dashboard']}",
+        "dashboard_url": f"http://{url_host(host)}:{ports['dashboard']}",
         "serve_host": host,
         "serve_port": int(ports["serve"]),
         "bind_host": "0.0.0.0",
@@ -491,7 +471,3 @@ def identity(obj: dict[str, Any]) -> dict[str, str]:
     meta, head = obj.get("metadata", {}), (obj.get("status") or {}).get("head") or {}
     found = {"uid": meta.get("uid"), "head_pod": head.get("podName")}
     return {k: str(v) for k, v in found.items() if v}
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host  # an IPv6 pod IP in a URL
