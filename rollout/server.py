@@ -117,9 +117,7 @@ def load_or_create_instance(state_dir: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     instance = f"rg-{secrets.token_hex(6)}"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(instance + "\n")
-    os.replace(tmp, path)
+    _write_whole(path, instance)
     return instance
 
 
@@ -135,16 +133,22 @@ def load_or_create_token(state_dir: Path) -> tuple[str, Path]:
         return token, path
     state_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    tmp = path.with_suffix(".tmp")  # written whole, then named: never an empty token file
+    _write_whole(path, token)
+    return token, path
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """`text` (a line) into a new private file at `path`, written whole, then named: never an
+    empty or partial file, whatever interrupts the write."""
+    tmp = path.with_suffix(".tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(text + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return token, path
 
 
 def data_plane_config(
