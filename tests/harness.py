@@ -239,6 +239,13 @@ class Load:
         wait_for(f"{n} requests", lambda: len(self.outcomes) >= n, within_s, 0.1)
 
 
+def no_failures(load: Load) -> None:
+    """Every request the load sent was answered right, and it sent some."""
+    total = len(load.outcomes)
+    assert total > 0, "the load generator sent nothing"
+    assert not load.failures, f"{len(load.failures)}/{total} failed: {load.failures[:5]}"
+
+
 def live_cluster(rg: Raygate, revision: int | None = None, within_s: float = 300) -> str:
     """The digits service's active cluster once it is live (at `revision`, if given)."""
 

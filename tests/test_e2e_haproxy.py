@@ -19,10 +19,11 @@ from tests.harness import (
     Raygate,
     live_cluster,
     marked_processes,
+    no_failures,
     running_raygate,
     wait_for,
 )
-from tests.test_e2e_ray import assert_clean_switch, no_failures, push_under_load
+from tests.test_e2e_ray import assert_clean_switch, push_under_load
 
 pytestmark = pytest.mark.ray
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.harness import EXAMPLES, Load, Raygate, live_cluster, wait_for
+from tests.harness import EXAMPLES, Load, Raygate, live_cluster, no_failures, wait_for
 from tests.kube import KubeApi
 from tests.kuberay_standin import KubeRayStandIn, kuberay
 
@@ -164,12 +164,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def names(kube: KubeEnv) -> set[str]:
     return {o["metadata"]["name"] for o in kube.rayclusters()}
-
-
-def no_failures(load: Load) -> None:
-    total = len(load.outcomes)
-    assert total > 0, "the load generator sent nothing"
-    assert not load.failures, f"{len(load.failures)}/{total} failed: {load.failures[:5]}"
 
 
 def assert_kuberay_would_take(obj: dict[str, Any], service: str) -> None:

@@ -25,6 +25,7 @@ from tests.harness import (
     Raygate,
     live_cluster,
     marked_processes,
+    no_failures,
     running_raygate,
     wait_for,
 )
@@ -71,12 +72,6 @@ def assert_clean_switch(
         assert {o.cluster for o in worker[first_svc:]} == {new}
     wait_for("the old cluster's processes to exit", lambda: rg.clusters_running() == {new}, 120)
     return new
-
-
-def no_failures(load: Load) -> None:
-    total = len(load.outcomes)
-    assert total > 0, "the load generator sent nothing"
-    assert not load.failures, f"{len(load.failures)}/{total} failed: {load.failures[:5]}"
 
 
 def test_first_deploy_serves_predictions(rg: Raygate) -> None:

@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.haproxy_procs import haproxy_masters
-from tests.harness import EXAMPLES, Load, Raygate, live_cluster, marked_processes, running_raygate
-from tests.test_e2e_ray import assert_clean_switch, no_failures
+from tests.harness import (
+    EXAMPLES,
+    Load,
+    Raygate,
+    live_cluster,
+    marked_processes,
+    no_failures,
+    running_raygate,
+)
+from tests.test_e2e_ray import assert_clean_switch
 from tests.test_up import exit_of, up
 
 pytestmark = pytest.mark.ray
