@@ -92,10 +92,63 @@ class HealthSpec(_Strict):
     probes: tuple[Probe, ...] = ()
 
 
+class PauseSpec(_Strict):
+    """A canary step that holds the weight: for `duration_s`, or (no duration) until
+    `raygate promote`."""
+
+    duration_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class CanaryStep(_Strict):
+    """One step: exactly one of `weight` (percent of new requests to the new cluster, at
+    once) or `pause`."""
+
+    weight: int | None = Field(None, ge=1, le=100)
+    pause: PauseSpec | None = None
+
+
+class AnalysisSpec(_Strict):
+    """How the canary (and the bake window) is judged, from the gateway's own counters over
+    the last `interval_s`, against the stable cluster in the same window."""
+
+    interval_s: float = Field(10.0, ge=1, le=3600)
+    min_requests: int = Field(50, ge=1)
+    max_error_rate: float = Field(0.01, ge=0, le=1)  # 5xx and gateway errors / answers
+    max_p99_latency_ms: float | None = Field(None, gt=0)
+    max_error_rate_over_stable: float | None = Field(None, ge=0, le=1)
+    failure_limit: int = Field(2, ge=1, le=100)  # failed intervals in a row that abort
+    inconclusive_limit: int = Field(6, ge=1, le=1000)  # intervals without data: pause
+
+
+class CanarySpec(_Strict):
+    steps: tuple[CanaryStep, ...] = Field(min_length=1, max_length=100)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    scale_with_traffic: bool = False  # Serve target_capacity follows the weights
+
+
 class UpgradeSpec(_Strict):
     health: HealthSpec = Field(default_factory=HealthSpec)
     drain_timeout_s: float = Field(30.0, ge=0)
     deletion_delay_s: float = Field(0.0, ge=0)
+    strategy: Literal["bluegreen", "canary"] = "bluegreen"
+    canary: CanarySpec | None = None
+    # After a new cluster took all traffic: keep the old one this long (weight 0) and put
+    # traffic back on it at once if analysis fails meanwhile.
+    bake_s: float = Field(0.0, ge=0, le=7 * 86400)
+
+    @property
+    def analysis(self) -> AnalysisSpec:
+        """What judges the canary and the bake window: the canary's, else the defaults."""
+        return self.canary.analysis if self.canary is not None else AnalysisSpec()
+
+    def identity(self) -> dict[str, Any]:
+        """As `ClusterSpec.identity`: fields added since revisions were first stored count
+        only when set, so a stored revision keeps its hash across an upgrade of raygate."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        for key, default in (("strategy", "bluegreen"), ("canary", None), ("bake_s", 0.0)):
+            if dumped.get(key) == default:
+                dumped.pop(key, None)
+        return dumped
 
 
 class LivenessSpec(_Strict):
@@ -139,6 +192,7 @@ class ServiceSpec(_Strict):
     def spec_hash(self) -> str:
         dumped = self.model_dump(mode="json", by_alias=True)
         dumped["cluster"] = self.cluster.identity()  # the same rule as cluster_hash
+        dumped["upgrade"] = self.upgrade.identity()
         return _digest(dumped)
 
     def to_json(self) -> dict[str, Any]:
@@ -170,6 +224,7 @@ def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
     _check_finite(spec.model_dump(mode="python", exclude={"serve"}), "", problems)
     _check_probes(spec.upgrade.health.probes, problems)
     _check_kuberay(spec.cluster, problems)
+    _check_upgrade(spec.upgrade, problems)
     serve = _validate_serve(spec.serve, problems)
     cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
     if problems:
@@ -210,6 +265,21 @@ def _check_probes(probes: tuple[Probe, ...], problems: list[tuple[str, str]]) ->
                 problems.append(
                     (f"{at}.headers", f"header {name!r}: value must be ASCII without CR, LF, NUL")
                 )
+
+
+def _check_upgrade(upgrade: UpgradeSpec, problems: list[tuple[str, str]]) -> None:
+    if upgrade.strategy == "canary" and upgrade.canary is None:
+        problems.append(("upgrade.canary", "required with strategy canary: the steps to walk"))
+    if upgrade.strategy != "canary" and upgrade.canary is not None:
+        problems.append(("upgrade.strategy", "set it to canary to use upgrade.canary"))
+    if upgrade.canary is None:
+        return
+    for i, step in enumerate(upgrade.canary.steps):
+        if (step.weight is None) == (step.pause is None):
+            problems.append((f"upgrade.canary.steps[{i}]", "exactly one of weight or pause"))
+    if not any(step.weight is not None for step in upgrade.canary.steps):
+        problems.append(("upgrade.canary.steps", "at least one weight step: a canary that "
+                         "never takes traffic cannot be judged"))  # fmt: skip
 
 
 def _check_kuberay(cluster: ClusterSpec, problems: list[tuple[str, str]]) -> None:
