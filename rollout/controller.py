@@ -31,6 +31,7 @@ import httpx
 from gateway.dataplane import ANY_CLUSTER, DataPlane
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
+from rollout.analysis import Sampler, WindowStats
 from rollout.health import HealthChecker
 from rollout.plan import (
     ClusterObservation,
@@ -70,9 +71,14 @@ class ControllerSettings:
     create_wait_s: float = 1.0  # how long a tick waits for a cluster start before going on
 
 
-def serve_config(spec: ServiceSpec, info: ClusterInfo) -> dict[str, Any]:
-    """The user's Serve config with the http_options raygate owns for this cluster."""
+def serve_config(
+    spec: ServiceSpec, info: ClusterInfo, capacity: int | None = None
+) -> dict[str, Any]:
+    """The user's Serve config with the http_options raygate owns for this cluster, and
+    Serve's `target_capacity` when a canary scales with its traffic."""
     config = dict(spec.serve)
+    if capacity is not None:
+        config["target_capacity"] = capacity
     http = dict(config.get("http_options") or {})
     http.update(host=info.bind_host or info.serve_host, port=info.serve_port)
     http.setdefault("keep_alive_timeout_s", SERVE_KEEP_ALIVE_S)
@@ -113,6 +119,8 @@ class Controller:
         # cluster as STARTING meanwhile (a push or a delete is acted on while KubeRay
         # schedules pods).
         self._creating: dict[str, asyncio.Task[None]] = {}
+        # The gateway's per-cluster counts, sampled every tick: analysis windows come from it.
+        self.sampler = Sampler()
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -262,6 +270,15 @@ class Controller:
             self._health_since[name] = now
         elif not in_health and name in self._health_since:
             self.metrics.step_took("health", now - self._health_since.pop(name))
+        for verdict in decision.verdicts:
+            self.metrics.analysis_run(name, verdict.result.value)
+        for step, seconds in decision.steps_took:
+            self.metrics.step_took(step, seconds)
+        p = after.pending
+        canary = p is not None and p.canary is not None and not decision.gone
+        self.metrics.set_canary_weight(
+            name, {p.cluster: p.canary.weight} if canary and p and p.canary else {}
+        )
         for action in decision.actions:
             if isinstance(action, DeleteCluster):
                 for r in before.retiring:
@@ -276,12 +293,35 @@ class Controller:
             numbers.add(state.pending.revision)
         if state.restore is not None:
             numbers.add(state.restore)
+        numbers.update(r.revision for r in state.retiring if r.revision is not None)
         return {
             n: desired if n == desired.number else self.store.revision(name, n) for n in numbers
         }
 
+    def _windows(
+        self, state: ServiceState, revisions: Mapping[int, Revision]
+    ) -> dict[str, WindowStats]:
+        """Each cluster's counts over the analysis interval of the rollout being judged."""
+        now = self.clock()
+        self.sampler.record(state.name, now, self.metrics.cluster_totals(state.name))
+        if state.analysis is None:
+            return {}
+        judged = state.pending.revision if state.pending is not None else None
+        if judged is None and state.active is not None:
+            judged = state.active.revision
+        if judged is None or judged not in revisions:
+            return {}
+        interval = revisions[judged].spec.upgrade.analysis.interval_s
+        out = {}
+        for cid in state.clusters():
+            window = self.sampler.window(state.name, cid, interval, now)
+            if window is not None:
+                out[cid] = window
+        return out
+
     async def observe(self, state: ServiceState, revisions: Mapping[int, Revision]) -> Observation:
         in_flight = await self.dataplane.in_flight()
+        windows = self._windows(state, revisions)
         out: dict[str, ClusterObservation] = {}
         for cid in state.clusters():
             record = self.store.cluster(cid)
@@ -290,6 +330,8 @@ class Controller:
                 continue
             info, _ = record
             expected = state.expected_revision(cid)
+            if any(r.cluster == cid for r in state.retiring):
+                expected = None  # a retiring cluster's health gates nothing
             creating = self._creating.get(cid)
             if creating is not None and not creating.done():  # its start is under way
                 out[cid] = ClusterObservation(Liveness.STARTING, message="starting the cluster",
@@ -318,6 +360,7 @@ class Controller:
                 in_flight.get(cid, 0),
                 (self._errors.get((cid, expected)) if expected is not None else None) or seen.error,
                 proxy_ok,
+                windows.get(cid),
             )
         return Observation(out)
 
@@ -365,7 +408,8 @@ class Controller:
                     await self._start_creating(new_infos[action.cluster],
                                                revisions[action.revision])  # fmt: skip
                 elif isinstance(action, DeployServe):
-                    await self._deploy(action.cluster, revisions[action.revision])
+                    await self._deploy(action.cluster, revisions[action.revision],
+                                       action.capacity)  # fmt: skip
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -446,14 +490,14 @@ class Controller:
         self.metrics.step_took("create_cluster", took)
         self._event(info.service, f"cluster {info.id} started in {took:.1f}s")
 
-    async def _deploy(self, cluster: str, revision: Revision) -> None:
+    async def _deploy(self, cluster: str, revision: Revision, capacity: int | None = None) -> None:
         record = self.store.cluster(cluster)
         if record is None:
             return
         info, _ = record
         started = time.monotonic()
         try:
-            await self.serve.deploy(info.dashboard_url, serve_config(revision.spec, info))
+            await self.serve.deploy(info.dashboard_url, serve_config(revision.spec, info, capacity))
         except ServeApiError as exc:
             log.error("deploying revision %s to %s failed: %s", revision.number, cluster, exc)
             if exc.permanent:
@@ -461,7 +505,9 @@ class Controller:
             return
         took = time.monotonic() - started
         self.metrics.step_took("deploy", took)
-        self._event(info.service, f"revision {revision.number} sent to {cluster} in {took:.1f}s")
+        at = f" at {capacity}% capacity" if capacity is not None else ""
+        self._event(info.service,
+                    f"revision {revision.number} sent to {cluster}{at} in {took:.1f}s")  # fmt: skip
 
     async def _delete(self, info: ClusterInfo) -> None:
         started = time.monotonic()

@@ -7,7 +7,9 @@ property tests) can check the invariants in one place:
 - traffic only ever moves to a cluster that passed its health gates N times in a row;
 - a cluster holding traffic or requests in flight is never deleted (unless drain timed out);
 - a service never has more than two clusters;
-- the active cluster is never touched by a rollout until a pending one has passed.
+- the active cluster is never touched by a rollout until a pending one has passed;
+- a canary's weight only moves along its declared steps, or back to 0 (all on stable);
+- a canary step never ends on no data: a timed pause needs a passed analysis interval.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from rollout.spec import ServiceSpec
+from rollout.analysis import Outcome, Verdict, WindowStats, judge
+from rollout.spec import AnalysisSpec, CanaryStep, ServiceSpec
 
 MAX_CLUSTERS = 2
 
@@ -33,6 +36,7 @@ class Step(StrEnum):
     CREATE_CLUSTER = "create_cluster"
     DEPLOY = "deploy"
     HEALTH = "health"
+    CANARY = "canary"  # passed its gates; walks the canary steps on real traffic
 
 
 class Kind(StrEnum):
@@ -45,6 +49,7 @@ class Result(StrEnum):
     SUCCEEDED = "succeeded"
     ABORTED = "aborted"
     SUPERSEDED = "superseded"
+    ROLLED_BACK = "rolled_back"  # was live, then replaced by a rollback (command or bake)
 
 
 class Liveness(StrEnum):
@@ -74,10 +79,21 @@ class Revision:
     number: int
     spec: ServiceSpec
     cluster_hash: str
+    rollback_of: int | None = None  # recorded by `raygate rollback`: K's spec again
 
     @staticmethod
-    def of(number: int, spec: ServiceSpec) -> Revision:
-        return Revision(number, spec, spec.cluster_hash())
+    def of(number: int, spec: ServiceSpec, rollback_of: int | None = None) -> Revision:
+        return Revision(number, spec, spec.cluster_hash(), rollback_of)
+
+    @property
+    def canary(self) -> bool:
+        """Rolled out as a canary: a rollback never is (it brings back what ran before)."""
+        return self.spec.upgrade.strategy == "canary" and self.rollback_of is None
+
+    def same_as(self, other: Revision) -> bool:
+        """Runs the same cluster and Serve config: one can stand in for the other."""
+        return (self.cluster_hash, self.spec.serve_hash()) == (
+            other.cluster_hash, other.spec.serve_hash())  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,26 @@ class Active:
     cluster: str
     revision: int
     cluster_hash: str
+
+
+class Hold(StrEnum):
+    """Why a canary holds where it is, besides a `pause: {}` step."""
+
+    NONE = ""
+    USER = "user"  # `raygate pause`
+    NO_DATA = "no_data"  # inconclusive_limit intervals without enough traffic
+
+
+@dataclass(frozen=True)
+class Canary:
+    """Where a canary stands. Planner state, stored with the rest: a restart resumes the
+    same step at the same weight."""
+
+    index: int = 0  # the step under way; len(steps) once every step is done
+    weight: int = 0  # percent of new requests on the canary cluster now
+    step_since: float = 0.0  # when the step under way began
+    hold: Hold = Hold.NONE
+    capacity: int | None = None  # scale_with_traffic: Serve target_capacity on the canary
 
 
 @dataclass(frozen=True)
@@ -97,6 +133,7 @@ class Pending:
     started_at: float
     ok_streak: int = 0
     message: str = ""
+    canary: Canary | None = None  # set once the canary steps begin (step CANARY)
 
 
 @dataclass(frozen=True)
@@ -105,6 +142,35 @@ class Retiring:
     since: float
     drain_timeout_s: float
     deletion_delay_s: float
+    revision: int | None = None  # what it runs (known for clusters retired since canaries)
+    # Kept (weight 0, not drained) until then: a failed analysis or `raygate rollback` in
+    # the bake window puts traffic back on it at once.
+    bake_until: float | None = None
+
+    def baking(self, now: float) -> bool:
+        return self.bake_until is not None and now < self.bake_until
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The verdicts on one cluster's real traffic (a canary, or a new revision baking),
+    counted over consecutive intervals."""
+
+    cluster: str
+    stable: str | None  # compared against in the same window (None while baking)
+    last_at: float  # the end of the last judged interval
+    failures: int = 0  # failed intervals in a row
+    inconclusive: int = 0  # intervals in a row without enough traffic
+    passes: int = 0  # passed intervals since the canary's current step began
+    verdict: Verdict | None = None  # the last one
+
+
+@dataclass(frozen=True)
+class Command:
+    """An operator's command, queued by the admin API, applied by the next plan."""
+
+    kind: str  # promote | abort | pause | resume
+    full: bool = False  # promote: every remaining step
 
 
 @dataclass(frozen=True)
@@ -137,6 +203,8 @@ class ServiceState:
     restore: int | None = None
     waiting: str = ""  # why the desired revision has not started yet, if it waits
     failed_up_to: int = 0  # the newest revision whose rollout was aborted
+    analysis: Analysis | None = None
+    commands: tuple[Command, ...] = ()
 
     @property
     def phase(self) -> Phase:
@@ -162,8 +230,15 @@ class ServiceState:
     def traffic(self) -> dict[str, int]:
         """cluster -> percent of new requests."""
         out = {c: 0 for c in self.clusters()}
-        if self.active is not None and not self.deleting:
+        if self.deleting:
+            return out
+        if self.active is not None:
             out[self.active.cluster] = 100
+        p = self.pending
+        if p is not None and p.canary is not None and p.canary.weight > 0:
+            out[p.cluster] = p.canary.weight
+            if self.active is not None:
+                out[self.active.cluster] = 100 - p.canary.weight
         return out
 
     def expected_revision(self, cluster: str) -> int | None:
@@ -172,7 +247,7 @@ class ServiceState:
             return self.pending.revision
         if self.active is not None and self.active.cluster == cluster:
             return self.active.revision
-        return None
+        return next((r.revision for r in self.retiring if r.cluster == cluster), None)
 
     def unreachable_since(self, cluster: str) -> float | None:
         return next((u.since for u in self.unreachable if u.cluster == cluster), None)
@@ -186,6 +261,9 @@ class ClusterObservation:
     in_flight: int = 0
     error: str | None = None  # a permanent error from the last action on this cluster
     proxy_ok: bool | None = None  # the Serve proxy answered (asked when UNREACHABLE)
+    # The gateway's counts for this cluster over the last analysis interval (None: no
+    # window that long yet, e.g. just after a restart of raygate).
+    window: WindowStats | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +289,7 @@ class CreateCluster:
 class DeployServe:
     cluster: str
     revision: int
+    capacity: int | None = None  # Serve target_capacity (scale_with_traffic); None: full
 
 
 @dataclass(frozen=True)
@@ -230,6 +309,8 @@ class Decision:
     # (revision, result, message) for every rollout that ended in this decision
     finished: tuple[RolloutRecord, ...] = ()
     gone: bool = False  # the service is deleted and holds nothing any more
+    verdicts: tuple[Verdict, ...] = ()  # analysis verdicts reached in this decision
+    steps_took: tuple[tuple[str, float], ...] = ()  # (canary step kind, seconds) ended
 
 
 class _Builder:
@@ -240,6 +321,8 @@ class _Builder:
         self.actions: list[Action] = []
         self.events: list[str] = []
         self.finished: list[RolloutRecord] = []
+        self.verdicts: list[Verdict] = []
+        self.steps_took: list[tuple[str, float]] = []
 
     def set(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)  # type: ignore[arg-type]
@@ -268,8 +351,9 @@ class _Builder:
 
     def decision(self, gone: bool = False) -> Decision:
         return Decision(
-            self.state, tuple(self.actions), tuple(self.events), tuple(self.finished), gone
-        )
+            self.state, tuple(self.actions), tuple(self.events), tuple(self.finished), gone,
+            tuple(self.verdicts), tuple(self.steps_took),
+        )  # fmt: skip
 
 
 def plan(
@@ -290,9 +374,11 @@ def plan(
     _retire(b, observed, now)
     if b.state.deleting:
         return _delete_service(b, revisions, now)
+    _apply_commands(b, revisions, now)
     _handle_dead_active(b, observed)
     _replace_unresponsive_active(b, revisions, observed, now, new_cluster_id)
-    _supersede(b, desired, observed, now, new_cluster_id)
+    _bake(b, revisions, observed, now)
+    _supersede(b, desired, revisions, observed, now, new_cluster_id)
     _start(b, desired, revisions, observed, now, new_cluster_id)
     _advance(b, revisions, observed, now, new_cluster_id)
     _keep_active_deployed(b, observed)
@@ -342,6 +428,12 @@ def _retire(b: _Builder, observed: Observation, now: float) -> None:
     keep: list[Retiring] = []
     for r in b.state.retiring:
         obs = observed.of(r.cluster)
+        if r.baking(now) and obs.liveness is not Liveness.DEAD:
+            keep.append(r)
+            continue
+        if r.bake_until is not None:  # the window is over: an ordinary retired cluster now
+            b.event(f"bake window of cluster {r.cluster} is over; retiring it")
+            r = replace(r, since=max(r.since, r.bake_until), bake_until=None)
         waited = now - r.since
         drained = obs.in_flight == 0 or waited >= r.drain_timeout_s or obs.liveness is Liveness.DEAD
         if drained and waited >= r.deletion_delay_s:
@@ -350,17 +442,20 @@ def _retire(b: _Builder, observed: Observation, now: float) -> None:
             b.event(f"deleting retired cluster {r.cluster} ({why})")
         else:
             keep.append(r)
-    if len(keep) != len(b.state.retiring):
+    if tuple(keep) != b.state.retiring:
         b.set(retiring=tuple(keep))
+    a = b.state.analysis
+    if a is not None and b.state.pending is None and not any(r.baking(now) for r in keep):
+        b.set(analysis=None)  # the bake it judged is over
 
 
 def _delete_service(b: _Builder, revisions: Mapping[int, Revision], now: float) -> Decision:
     s = b.state
     if s.pending is not None:
         if s.pending.kind is Kind.NEW_CLUSTER:
-            b.act(DeleteCluster(s.pending.cluster, "service deleted"))
+            _drop_pending_cluster(b, s.pending, revisions, now, "service deleted")
         b.end_rollout(s.pending.revision, Result.ABORTED, "service deleted")
-        b.set(pending=None)
+        b.set(pending=None, analysis=None)
     active = b.state.active
     if active is not None:
         # Retire rather than delete: its requests in flight finish first.
@@ -418,7 +513,12 @@ def _replace_unresponsive_active(
 
 
 def _supersede(
-    b: _Builder, desired: Revision, observed: Observation, now: float, new_id: str
+    b: _Builder,
+    desired: Revision,
+    revisions: Mapping[int, Revision],
+    observed: Observation,
+    now: float,
+    new_id: str,
 ) -> None:
     """The newest push wins: redirect a rollout in progress to the desired revision (unless
     that revision failed already: it is not tried again, so it replaces nothing)."""
@@ -429,13 +529,17 @@ def _supersede(
     active = b.state.active
     if p.kind is Kind.NEW_CLUSTER and p.cluster_hash == desired.cluster_hash:
         # Same cluster spec: reuse the pending cluster, only its Serve config changes.
+        # A canary's share goes back to stable at once (canary=None): the cluster holds
+        # no traffic while the new config deploys on it.
         up = observed.of(p.cluster).liveness is Liveness.UP
         step = Step.DEPLOY if up else Step.CREATE_CLUSTER
-        b.set(pending=replace(p, revision=desired.number, step=step, started_at=now, ok_streak=0))
+        b.set(pending=replace(p, revision=desired.number, step=step, started_at=now, ok_streak=0,
+                              canary=None), analysis=None)  # fmt: skip
         b.event(f"revision {desired.number} reuses pending cluster {p.cluster}")
         return
     if p.kind is Kind.NEW_CLUSTER:
-        b.act(DeleteCluster(p.cluster, f"superseded by revision {desired.number}"))
+        _drop_pending_cluster(b, p, revisions, now, f"superseded by revision {desired.number}")
+        b.set(analysis=None)
     elif active is not None:
         # An in-place update was under way on the active cluster: put its config back.
         b.act(DeployServe(active.cluster, active.revision))
@@ -451,6 +555,7 @@ def _start(
     new_id: str,
 ) -> None:
     s = b.state
+    was_waiting = s.waiting
     if s.waiting:
         b.set(waiting="")  # set again below while it still waits
     if s.pending is not None:
@@ -464,7 +569,12 @@ def _start(
         if s.restore is None or s.restore not in revisions:
             return
         target = revisions[s.restore]
-    if s.active is not None and s.active.cluster_hash == target.cluster_hash:
+    if _back_to_baking(b, target, revisions, observed, now):
+        return
+    s = b.state
+    in_place = s.active is not None and s.active.cluster_hash == target.cluster_hash
+    if in_place and not target.canary and s.active is not None:
+        _end_bake(b, target.number, now)
         b.set(
             pending=Pending(
                 target.number,
@@ -481,8 +591,9 @@ def _start(
         return
     held = len(s.retiring) + (1 if s.active is not None else 0)
     if held >= MAX_CLUSTERS:
+        _end_bake(b, target.number, now)
         waiting = f"revision {target.number} waits for a retiring cluster to be deleted"
-        if s.waiting != waiting:  # said once, not every tick
+        if was_waiting != waiting:  # said once, not every tick
             b.event(waiting)
         b.set(waiting=waiting)
         return
@@ -493,6 +604,8 @@ def _start(
         return
     b.new_cluster(target.number, target.cluster_hash, new_id, now)
     why = "cluster spec changed" if s.active is not None else "no running cluster"
+    if in_place:  # strategy canary: an in-place update cannot be a canary
+        why = "serve-only change with strategy canary (a canary needs a cluster of its own)"
     b.event(f"revision {target.number}: {why}, creating cluster {new_id}")
 
 
@@ -509,11 +622,14 @@ def _advance(
     obs = observed.of(p.cluster)
     health = revisions[p.revision].spec.upgrade.health
     if obs.error:
-        _abort(b, p, obs.error)
+        _abort(b, p, obs.error, revisions, now)
+        return
+    if p.step is Step.CANARY:
+        _canary(b, p, revisions, observed, now)
         return
     if now - p.started_at > health.timeout_s:
         why = p.message or obs.message or "no health report"
-        _abort(b, p, f"not healthy within {health.timeout_s:g}s: {why}")
+        _abort(b, p, f"not healthy within {health.timeout_s:g}s: {why}", revisions, now)
         return
     if p.step is Step.CREATE_CLUSTER:
         if obs.liveness is Liveness.UP:
@@ -523,7 +639,7 @@ def _advance(
         elif obs.liveness is Liveness.DEAD:
             # Its start was interrupted (e.g. raygate was killed): start a fresh one.
             if observed.cannot_create is not None:
-                _abort(b, p, f"cannot create a cluster: {observed.cannot_create}")
+                _abort(b, p, f"cannot create a cluster: {observed.cannot_create}", revisions, now)
                 return
             b.act(DeleteCluster(p.cluster, "start interrupted"))
             b.act(CreateCluster(new_id, p.revision))
@@ -533,7 +649,7 @@ def _advance(
             b.set(pending=replace(p, message=obs.message))
         return
     if obs.liveness is Liveness.DEAD:
-        _abort(b, p, f"cluster {p.cluster} died during the rollout")
+        _abort(b, p, f"cluster {p.cluster} died during the rollout", revisions, now)
         return
     if p.step is Step.DEPLOY:
         b.set(pending=replace(p, step=Step.HEALTH, ok_streak=0))
@@ -546,13 +662,15 @@ def _advance(
         b.act(DeployServe(p.cluster, p.revision))
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
     elif obs.health is Health.FAILED:
-        _abort(b, p, obs.message)
+        _abort(b, p, obs.message, revisions, now)
     elif obs.health is Health.OK:
         streak = p.ok_streak + 1
-        if streak >= health.consecutive_successes:
-            _promote(b, p, revisions, now)
-        else:
+        if streak < health.consecutive_successes:
             b.set(pending=replace(p, ok_streak=streak, message=obs.message))
+        elif p.kind is Kind.NEW_CLUSTER and revisions[p.revision].canary:
+            _begin_canary(b, p, revisions, observed, now)
+        else:
+            _promote(b, p, revisions, now)
     elif obs.health is Health.PENDING:
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
 
@@ -568,15 +686,27 @@ def _drain_s(*revisions: Revision | None) -> float:
 
 
 def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float) -> None:
+    """All traffic to the pending cluster; the old one retires (or bakes, with bake_s)."""
     old = b.state.active
     retiring = b.state.retiring
     revision = revisions[p.revision]
+    bake = revision.spec.upgrade.bake_s
+    analysis = None
     if p.kind is Kind.NEW_CLUSTER and old is not None:
         drain = _drain_s(revision, revisions.get(old.revision))
         delay = revision.spec.upgrade.deletion_delay_s
-        retiring = (*retiring, Retiring(old.cluster, now, drain, delay))
+        until = now + bake if bake > 0 else None
+        retiring = (*retiring, Retiring(old.cluster, now, drain, delay, old.revision, until))
+        if until is not None:
+            analysis = Analysis(p.cluster, None, now)
+            b.event(f"baking revision {p.revision} for {bake:g}s: {old.cluster} stays ready "
+                    "to take traffic back")  # fmt: skip
+    if old is not None and revision.rollback_of is not None and old.revision != p.revision:
+        b.finished.append(RolloutRecord(old.revision, Result.ROLLED_BACK,
+                                        f"rolled back by revision {p.revision} (the spec of "
+                                        f"revision {revision.rollback_of})"))  # fmt: skip
     b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring,
-          restore=None)  # fmt: skip
+          restore=None, analysis=analysis)  # fmt: skip
     b.end_rollout(p.revision, Result.SUCCEEDED, f"revision {p.revision} is live on {p.cluster}")
     if p.kind is Kind.NEW_CLUSTER:
         b.event(f"switched traffic to {p.cluster} (revision {p.revision})")
@@ -584,13 +714,20 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
         b.event(f"revision {p.revision} is live on {p.cluster} (in place)")
 
 
-def _abort(b: _Builder, p: Pending, message: str) -> None:
+def _abort(
+    b: _Builder, p: Pending, message: str, revisions: Mapping[int, Revision], now: float
+) -> None:
+    """Every request back to the stable cluster at once (this decision's table), the
+    pending cluster drained (if it carried traffic) and deleted."""
     if p.kind is Kind.NEW_CLUSTER:
-        b.act(DeleteCluster(p.cluster, "rollout aborted"))
+        _drop_pending_cluster(b, p, revisions, now, "rollout aborted")
+        active = b.state.active
+        if p.canary is not None and p.canary.capacity is not None and active is not None:
+            b.act(DeployServe(active.cluster, active.revision))  # full capacity again
     elif b.state.active is not None:
         # Roll the active cluster back to the config that passed.
         b.act(DeployServe(b.state.active.cluster, b.state.active.revision))
-    b.set(pending=None)
+    b.set(pending=None, analysis=None)
     b.end_rollout(p.revision, Result.ABORTED, message)
     b.event(f"rollout of revision {p.revision} aborted: {message.splitlines()[0][:200]}")
 
@@ -604,3 +741,330 @@ def _keep_active_deployed(b: _Builder, observed: Observation) -> None:
         return
     if observed.of(a.cluster).health is Health.NOT_DEPLOYED:
         b.act(DeployServe(a.cluster, a.revision))
+
+
+def _drop_pending_cluster(
+    b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float, why: str
+) -> None:
+    """A canary that carried traffic is retired (its requests in flight finish, then it is
+    deleted); one that never did is deleted at once."""
+    if p.canary is None:
+        b.act(DeleteCluster(p.cluster, why))
+        return
+    drain = _drain_s(revisions.get(p.revision))
+    b.set(retiring=(*b.state.retiring, Retiring(p.cluster, now, drain, 0.0, p.revision)))
+    b.event(f"draining canary cluster {p.cluster} ({why})")
+
+
+# ---- canary ------------------------------------------------------------------------------
+def _begin_canary(
+    b: _Builder, p: Pending, revisions: Mapping[int, Revision], observed: Observation, now: float
+) -> None:
+    stable = b.state.active.cluster if b.state.active is not None else None
+    canary = Canary(step_since=now)
+    b.set(pending=replace(p, step=Step.CANARY, ok_streak=0, canary=canary, message=""),
+          analysis=Analysis(p.cluster, stable, now))  # fmt: skip
+    steps = len(_steps(revisions[p.revision]))
+    b.event(f"revision {p.revision} passed its health gates on {p.cluster}: "
+            f"canary of {steps} steps begins")  # fmt: skip
+    _walk(b, revisions, observed, now)
+
+
+def _steps(revision: Revision) -> tuple[CanaryStep, ...]:
+    canary = revision.spec.upgrade.canary
+    return canary.steps if canary is not None else ()
+
+
+def _canary(
+    b: _Builder, p: Pending, revisions: Mapping[int, Revision], observed: Observation, now: float
+) -> None:
+    """A canary on real traffic: judged every interval, aborted on a failed verdict or a
+    cluster that dies or fails, walked along its steps otherwise."""
+    obs = observed.of(p.cluster)
+    if obs.liveness is Liveness.DEAD:
+        _abort(b, p, f"canary cluster {p.cluster} died", revisions, now)
+        return
+    if obs.health is Health.FAILED:
+        _abort(b, p, obs.message, revisions, now)
+        return
+    spec = revisions[p.revision].spec.upgrade.analysis
+    verdict = _analyse(b, spec, observed, now)
+    if verdict is not None and verdict.result is Outcome.FAIL:
+        a = b.state.analysis
+        if a is not None and a.failures >= spec.failure_limit:
+            _abort(b, p, f"analysis failed {a.failures} intervals in a row: {verdict.message}",
+                   revisions, now)  # fmt: skip
+            return
+    a = b.state.analysis
+    p = b.state.pending or p
+    c = p.canary or Canary(step_since=now)
+    if (a is not None and a.inconclusive >= spec.inconclusive_limit and c.hold is Hold.NONE
+            and verdict is not None):  # fmt: skip
+        b.set(pending=replace(p, canary=replace(c, hold=Hold.NO_DATA), message=verdict.message))
+        b.event(f"canary paused itself: {verdict.message} "
+                f"({a.inconclusive} intervals); waiting for promote or abort")  # fmt: skip
+        return
+    _walk(b, revisions, observed, now)
+
+
+def _analyse(b: _Builder, spec: AnalysisSpec, observed: Observation, now: float) -> Verdict | None:
+    """Judge the analysed cluster once per interval, from the gateway's window of counts."""
+    a = b.state.analysis
+    if a is None or now - a.last_at < spec.interval_s:
+        return None
+    window = observed.of(a.cluster).window
+    if window is None:
+        return None  # no window that long yet (just restarted): judged when there is
+    stable = observed.of(a.stable).window if a.stable is not None else None
+    verdict = judge(spec, window, stable)
+    b.verdicts.append(verdict)
+    if verdict.result is Outcome.PASS:
+        a = replace(a, failures=0, inconclusive=0, passes=a.passes + 1)
+    elif verdict.result is Outcome.FAIL:
+        a = replace(a, failures=a.failures + 1, inconclusive=0)
+    else:
+        a = replace(a, inconclusive=a.inconclusive + 1)
+    b.set(analysis=replace(a, last_at=now, verdict=verdict))
+    return verdict
+
+
+def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation, now: float
+          ) -> None:  # fmt: skip
+    """Take every step that can be taken now: a weight at once, a timed pause once its time
+    is up and an analysis interval in it passed; then all traffic, once no step is left."""
+    p = b.state.pending
+    if p is None or p.canary is None:
+        return
+    revision = revisions[p.revision]
+    steps = _steps(revision)
+    scale = (
+        revision.spec.upgrade.canary is not None and revision.spec.upgrade.canary.scale_with_traffic
+    )
+    c = p.canary
+    a = b.state.analysis
+    message = p.message
+    while c.index < len(steps) and c.hold is Hold.NONE:
+        step = steps[c.index]
+        if step.weight is not None:
+            if scale and (c.capacity or 0) < step.weight:
+                b.set(pending=replace(p, canary=c, message=message), analysis=a)
+                if not _scaled(b, step.weight, observed):
+                    return
+                p = b.state.pending
+                assert p is not None and p.canary is not None
+                c = p.canary
+            b.event(f"canary {p.cluster}: step {c.index + 1}/{len(steps)}, weight "
+                    f"{c.weight}% -> {step.weight}%")  # fmt: skip
+            c = replace(c, index=c.index + 1, weight=step.weight, step_since=now)
+            if a is not None:
+                a = replace(a, passes=0)
+            if scale and b.state.active is not None:
+                b.act(DeployServe(b.state.active.cluster, b.state.active.revision,
+                                  max(1, 100 - step.weight)))  # fmt: skip
+            message = f"weight {step.weight}%"
+            continue
+        duration = step.pause.duration_s if step.pause is not None else None
+        if duration is None:
+            message = "paused: waiting for `raygate promote`"
+            break
+        if now - c.step_since < duration:
+            message = f"pause {now - c.step_since:.0f}/{duration:g}s at weight {c.weight}%"
+            break
+        if a is None or a.passes < 1:
+            message = (f"pause of {duration:g}s is over; waiting for an analysis interval "
+                       "with enough traffic to pass")  # fmt: skip
+            break
+        b.steps_took.append(("canary_pause", now - c.step_since))
+        b.event(f"canary {p.cluster}: pause of {duration:g}s at weight {c.weight}% passed")
+        c = replace(c, index=c.index + 1, step_since=now)
+        a = replace(a, passes=0)
+    b.set(pending=replace(p, canary=c, message=message), analysis=a)
+    if c.index >= len(steps) and c.hold is Hold.NONE:
+        if scale and (c.capacity or 0) < 100 and not _scaled(b, 100, observed):
+            return
+        done = b.state.pending
+        assert done is not None
+        b.steps_took.append(("canary", now - p.started_at))
+        _promote(b, done, revisions, now)
+
+
+def _scaled(b: _Builder, capacity: int, observed: Observation) -> bool:
+    """scale_with_traffic: the canary's Serve target_capacity is raised to `capacity`, and
+    its replicas are up (health OK, twice), before it takes that share of traffic."""
+    p = b.state.pending
+    assert p is not None and p.canary is not None
+    c = p.canary
+    if c.capacity != capacity:
+        b.act(DeployServe(p.cluster, p.revision, capacity))
+        why = f"scaling to {capacity}% capacity before the weight moves"
+        b.set(pending=replace(p, canary=replace(c, capacity=capacity), ok_streak=0, message=why))
+        return False
+    if observed.of(p.cluster).health is not Health.OK:
+        b.set(pending=replace(p, ok_streak=0))
+        return False
+    if p.ok_streak + 1 < 2:  # one OK may predate the new target: two in a row
+        b.set(pending=replace(p, ok_streak=p.ok_streak + 1))
+        return False
+    b.set(pending=replace(p, ok_streak=0))
+    return True
+
+
+# ---- bake --------------------------------------------------------------------------------
+def _bake(
+    b: _Builder, revisions: Mapping[int, Revision], observed: Observation, now: float
+) -> None:
+    """While a new revision bakes, it is judged as a canary is; a failed verdict puts every
+    request back on the baked cluster at once (an automatic rollback)."""
+    s = b.state
+    active, a = s.active, s.analysis
+    if s.pending is not None or active is None or a is None or a.cluster != active.cluster:
+        return
+    baked = next((r for r in s.retiring if r.baking(now) and r.revision in revisions), None)
+    if baked is None or baked.revision is None:
+        return
+    spec = revisions[active.revision].spec.upgrade.analysis
+    verdict = _analyse(b, spec, observed, now)
+    a = b.state.analysis
+    if verdict is None or verdict.result is not Outcome.FAIL or a is None:
+        return
+    if a.failures < spec.failure_limit:
+        return
+    if observed.of(baked.cluster).liveness is not Liveness.UP:
+        b.event(f"analysis failed, but baked cluster {baked.cluster} is not up to take "
+                "traffic back")  # fmt: skip
+        return
+    message = (
+        f"analysis failed {a.failures} intervals in a row while baking: {verdict.message}; "
+        f"traffic back on {baked.cluster} (revision {baked.revision})"
+    )
+    old = revisions[baked.revision]
+    _swap_back(b, baked, old.number, old, revisions, now)
+    b.finished.append(RolloutRecord(active.revision, Result.ROLLED_BACK, message))
+    b.set(last_rollout=RolloutRecord(active.revision, Result.ROLLED_BACK, message),
+          failed_up_to=max(b.state.failed_up_to, active.revision))  # fmt: skip
+    b.event(f"rolled back revision {active.revision}: {message}")
+
+
+def _swap_back(
+    b: _Builder,
+    baked: Retiring,
+    as_revision: int,
+    target: Revision,
+    revisions: Mapping[int, Revision],
+    now: float,
+) -> None:
+    """The baked cluster takes all traffic again (one table change); the active retires."""
+    active = b.state.active
+    assert active is not None
+    drain = _drain_s(revisions.get(active.revision), target)
+    gone = Retiring(active.cluster, now, drain, 0.0, active.revision)
+    others = tuple(r for r in b.state.retiring if r.cluster != baked.cluster)
+    b.set(active=Active(baked.cluster, as_revision, target.cluster_hash),
+          retiring=(*others, gone), analysis=None)  # fmt: skip
+    canary = target.spec.upgrade.canary
+    if canary is not None and canary.scale_with_traffic:
+        b.act(DeployServe(baked.cluster, as_revision))  # its full capacity, its revision
+
+
+def _back_to_baking(
+    b: _Builder,
+    target: Revision,
+    revisions: Mapping[int, Revision],
+    observed: Observation,
+    now: float,
+) -> bool:
+    """A revision whose cluster still runs (baking, weight 0) comes back by a weight change,
+    no new cluster (`raygate rollback` in the bake window, or the old spec pushed again)."""
+    s = b.state
+    if s.active is None:
+        return False
+    for r in s.retiring:
+        if not r.baking(now) or r.revision not in revisions or r.revision is None:
+            continue
+        if not revisions[r.revision].same_as(target):
+            continue
+        if observed.of(r.cluster).liveness is not Liveness.UP:
+            return False
+        replaced = s.active.revision
+        _swap_back(b, r, target.number, target, revisions, now)
+        b.finished.append(RolloutRecord(replaced, Result.ROLLED_BACK,
+                                        f"rolled back to revision {r.revision} by revision "
+                                        f"{target.number}"))  # fmt: skip
+        b.end_rollout(target.number, Result.SUCCEEDED, f"revision {target.number} is live on "
+                      f"{r.cluster} again (its cluster was baking): one weight change")  # fmt: skip
+        b.event(f"revision {target.number}: traffic back on {r.cluster} at once")
+        return True
+    return False
+
+
+# ---- commands ----------------------------------------------------------------------------
+COMMANDS = ("promote", "abort", "pause", "resume")
+
+
+def refusal(state: ServiceState, command: Command) -> str | None:
+    """Why `command` does not apply to `state` now (the admin API's 409), or None."""
+    p = state.pending
+    if state.deleting:
+        return "the service is being deleted"
+    if command.kind == "abort":
+        return None if p is not None else "no rollout in progress"
+    if p is None:
+        return "no rollout in progress"
+    if p.step is not Step.CANARY or p.canary is None:
+        return (f"revision {p.revision} is in its {p.step.value} step; canary commands apply "
+                "once its canary steps run")  # fmt: skip
+    if command.kind == "pause" and p.canary.hold is Hold.USER:
+        return "the canary is paused already"
+    if command.kind == "resume" and p.canary.hold is Hold.NONE:
+        return "the canary is not paused by `raygate pause` or for lack of data"
+    return None
+
+
+def _apply_commands(b: _Builder, revisions: Mapping[int, Revision], now: float) -> None:
+    commands = b.state.commands
+    if not commands:
+        return
+    b.set(commands=())
+    for command in commands:
+        why = refusal(b.state, command)
+        if why is not None:
+            b.event(f"{command.kind} not applied: {why}")
+            continue
+        p = b.state.pending
+        assert p is not None
+        if command.kind == "abort":
+            _abort(b, p, "aborted by `raygate abort`", revisions, now)
+            continue
+        c = p.canary
+        assert c is not None
+        steps = _steps(revisions[p.revision])
+        if command.kind == "pause":
+            c = replace(c, hold=Hold.USER)
+            b.event(f"canary paused at step {c.index + 1}/{len(steps)}, weight {c.weight}%")
+        elif command.kind == "resume":
+            c = replace(c, hold=Hold.NONE)
+            if b.state.analysis is not None:
+                b.set(analysis=replace(b.state.analysis, inconclusive=0))
+            b.event("canary resumed")
+        elif command.full:
+            c = replace(c, hold=Hold.NONE, index=len(steps), step_since=now)
+            b.event("promoted in full: every remaining step skipped")
+        else:
+            index = c.index
+            if index < len(steps) and steps[index].pause is not None:
+                index += 1  # the pause under way ends
+            c = replace(c, hold=Hold.NONE, index=index, step_since=now)
+            b.event(f"promoted: on to step {min(index + 1, len(steps))}/{len(steps)}")
+        b.set(pending=replace(p, canary=c))
+
+
+def _end_bake(b: _Builder, revision: int, now: float) -> None:
+    """A newer revision ends the bake of the one before: the baked cluster goes (it is at
+    weight 0; a new rollout that needs a cluster starts once it is deleted)."""
+    baking = [r for r in b.state.retiring if r.bake_until is not None]
+    if not baking:
+        return
+    b.set(retiring=tuple(replace(r, bake_until=None, since=now) if r in baking else r
+                         for r in b.state.retiring), analysis=None)  # fmt: skip
+    b.event(f"revision {revision} ends the bake window early: retiring "
+            f"{', '.join(r.cluster for r in baking)}")  # fmt: skip

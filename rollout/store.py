@@ -18,15 +18,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from rollout.analysis import Outcome, Verdict
 from rollout.plan import (
     Active,
+    Analysis,
+    Canary,
+    Command,
+    Hold,
     Kind,
     Pending,
     Result,
@@ -56,6 +61,7 @@ CREATE TABLE IF NOT EXISTS revisions (
     result TEXT NOT NULL,
     message TEXT NOT NULL DEFAULT '',
     finished_at REAL,
+    rollback_of INTEGER,  -- `raygate rollback`: the revision whose spec this one brings back
     PRIMARY KEY (service, number)
 );
 CREATE TABLE IF NOT EXISTS clusters (
@@ -85,14 +91,29 @@ class ClusterState(StrEnum):
 
 def _to_json(state: ServiceState) -> str:
     def enc(value: Any) -> Any:
-        return value.value if isinstance(value, Enum) else value
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {k: enc(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [enc(v) for v in value]
+        return value
 
-    raw = asdict(state)
-    if raw["pending"]:
-        raw["pending"] = {k: enc(v) for k, v in raw["pending"].items()}
-    if raw["last_rollout"]:
-        raw["last_rollout"] = {k: enc(v) for k, v in raw["last_rollout"].items()}
-    return json.dumps(raw, sort_keys=True)
+    return json.dumps(enc(asdict(state)), sort_keys=True)
+
+
+def _pending(p: dict[str, Any]) -> Pending:
+    c = p.get("canary")
+    canary = Canary(**{**c, "hold": Hold(c["hold"])}) if c else None
+    return Pending(**{**p, "kind": Kind(p["kind"]), "step": Step(p["step"]), "canary": canary})
+
+
+def _analysis(a: dict[str, Any] | None) -> Analysis | None:
+    if not a:
+        return None
+    v = a.get("verdict")
+    verdict = Verdict(**{**v, "result": Outcome(v["result"])}) if v else None
+    return Analysis(**{**a, "verdict": verdict})
 
 
 def _from_json(text: str) -> ServiceState:
@@ -102,7 +123,7 @@ def _from_json(text: str) -> ServiceState:
     return ServiceState(
         name=raw["name"],
         active=Active(**raw["active"]) if raw["active"] else None,
-        pending=Pending(**{**p, "kind": Kind(p["kind"]), "step": Step(p["step"])}) if p else None,
+        pending=_pending(p) if p else None,
         retiring=tuple(Retiring(**r) for r in raw["retiring"]),
         last_rollout=RolloutRecord(lr["revision"], Result(lr["result"]), lr["message"])
         if lr
@@ -114,6 +135,8 @@ def _from_json(text: str) -> ServiceState:
         # A state written before failed_up_to: its last rollout says what had failed.
         failed_up_to=raw.get("failed_up_to")
         or (lr["revision"] if lr and lr["result"] == Result.ABORTED.value else 0),
+        analysis=_analysis(raw.get("analysis")),
+        commands=tuple(Command(**c) for c in raw.get("commands", ())),
     )
 
 
@@ -134,6 +157,9 @@ class Store:
         columns = {row[1] for row in db.execute("PRAGMA table_info(services)")}
         if "version" not in columns:  # a state dir from before versions
             db.execute("ALTER TABLE services ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(revisions)")}
+        if "rollback_of" not in columns:  # a state dir from before rollbacks
+            db.execute("ALTER TABLE revisions ADD COLUMN rollback_of INTEGER")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -187,7 +213,8 @@ class Store:
                 return int(row[0]), True
             number = (int(row[0]) if row else 0) + 1
             db.execute(
-                "INSERT INTO revisions VALUES (?,?,?,?,?,?,?,NULL)",
+                "INSERT INTO revisions (service, number, spec, spec_hash, pushed_at, result, "
+                "message) VALUES (?,?,?,?,?,?,?)",
                 (spec.name, number, json.dumps(spec.to_json()), digest, now, "pending", ""),
             )
             if service is None:
@@ -225,11 +252,11 @@ class Store:
 
     def revision(self, name: str, number: int) -> Revision:
         row = self._db.execute(
-            "SELECT spec FROM revisions WHERE service=? AND number=?", (name, number)
+            "SELECT spec, rollback_of FROM revisions WHERE service=? AND number=?", (name, number)
         ).fetchone()
         if row is None:
             raise KeyError(f"{name} has no revision {number}")
-        return Revision.of(number, ServiceSpec.model_validate(json.loads(row[0])))
+        return Revision.of(number, ServiceSpec.model_validate(json.loads(row[0])), row[1])
 
     def latest(self, name: str) -> Revision:
         row = self._db.execute(
@@ -239,11 +266,12 @@ class Store:
 
     def history(self, name: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT number, spec_hash, pushed_at, result, message, finished_at FROM revisions "
-            "WHERE service=? ORDER BY number",
+            "SELECT number, spec_hash, pushed_at, result, message, finished_at, rollback_of "
+            "FROM revisions WHERE service=? ORDER BY number",
             (name,),
         )
-        keys = ("revision", "spec_hash", "pushed_at", "result", "message", "finished_at")
+        keys = ("revision", "spec_hash", "pushed_at", "result", "message", "finished_at",
+                "rollback_of")  # fmt: skip
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def latest_specs(self) -> dict[str, ServiceSpec]:
@@ -254,6 +282,71 @@ class Store:
             if state is not None and not state.deleting:
                 out[name] = self.latest(name).spec
         return out
+
+    def queue_command(
+        self, name: str, command: Command, refusal: Callable[[ServiceState], str | None]
+    ) -> tuple[bool, str | None]:
+        """Queue an operator's command for the planner's next tick, unless `refusal` (read
+        on the state inside this transaction) says why it does not apply. Returns (service
+        exists, refusal)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return False, None
+            state = _from_json(row[0])
+            why = refusal(state)
+            if why is None:
+                self._write_state(db, replace(state, commands=(*state.commands, command)))
+            return True, why
+
+    def rollback(self, name: str, to: int | None, now: float) -> tuple[int | None, str | None]:
+        """Record a new revision with the spec of `to` (default: the newest good revision
+        before the live one), like `kubectl rollout undo`. Returns (revision, None), or
+        (None, why not). A good revision is one that went live and was not rolled back."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM services WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return None, f"no service {name!r}"
+            state = _from_json(row[0])
+            if state.deleting:
+                return None, "the service is being deleted"
+            if state.active is None:
+                return None, "nothing is live: there is nothing to roll back"
+            live = state.active.revision
+            good = dict(db.execute(
+                "SELECT number, spec FROM revisions WHERE service=? AND result=?",
+                (name, Result.SUCCEEDED.value),
+            ).fetchall())  # fmt: skip
+            live_spec = db.execute(
+                "SELECT spec FROM revisions WHERE service=? AND number=?", (name, live)
+            ).fetchone()[0]
+            if to is None:
+                older = [n for n, spec in good.items() if n < live and spec != live_spec]
+                if not older:
+                    return None, f"no good revision before the live one ({live})"
+                to = max(older)
+            elif to not in good:
+                exists = db.execute(
+                    "SELECT result FROM revisions WHERE service=? AND number=?", (name, to)
+                ).fetchone()
+                if exists is None:
+                    return None, f"{name} has no revision {to}"
+                return None, f"revision {to} is not a good revision (its rollout: {exists[0]})"
+            elif good[to] == live_spec:
+                return None, f"revision {to} is what runs now (revision {live})"
+            top = db.execute(
+                "SELECT MAX(number) FROM revisions WHERE service=?", (name,)
+            ).fetchone()[0]
+            number = int(top) + 1
+            spec = ServiceSpec.model_validate(json.loads(good[to]))
+            db.execute(
+                "INSERT INTO revisions (service, number, spec, spec_hash, pushed_at, result, "
+                "message, rollback_of) VALUES (?,?,?,?,?,?,?,?)",
+                (name, number, good[to], spec.spec_hash(), now, "pending",
+                 f"rollback to revision {to}", to),
+            )  # fmt: skip
+            db.execute("UPDATE services SET version=version+1 WHERE name=?", (name,))
+            return number, None
 
     def mark_deleting(self, name: str) -> bool:
         with self.transaction() as db:
