@@ -667,7 +667,8 @@ def _advance(
         streak = p.ok_streak + 1
         if streak < health.consecutive_successes:
             b.set(pending=replace(p, ok_streak=streak, message=obs.message))
-        elif p.kind is Kind.NEW_CLUSTER and revisions[p.revision].canary:
+        elif p.kind is Kind.NEW_CLUSTER and revisions[p.revision].canary and b.state.active:
+            # (a first deploy has no stable cluster to share traffic with: it goes live)
             _begin_canary(b, p, revisions, observed, now)
         else:
             _promote(b, p, revisions, now)
@@ -787,6 +788,10 @@ def _canary(
     if obs.health is Health.FAILED:
         _abort(b, p, obs.message, revisions, now)
         return
+    if b.state.active is None:  # the stable cluster is gone: nothing else can serve
+        b.event(f"stable cluster is gone: canary {p.cluster} takes all traffic")
+        _promote(b, p, revisions, now)
+        return
     spec = revisions[p.revision].spec.upgrade.analysis
     verdict = _analyse(b, spec, observed, now)
     if verdict is not None and verdict.result is Outcome.FAIL:
@@ -846,7 +851,7 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
     while c.index < len(steps) and c.hold is Hold.NONE:
         step = steps[c.index]
         if step.weight is not None:
-            if scale and (c.capacity or 0) < step.weight:
+            if scale and c.weight < step.weight:  # replicas first, then the traffic
                 b.set(pending=replace(p, canary=c, message=message), analysis=a)
                 if not _scaled(b, step.weight, observed):
                     return
@@ -880,7 +885,7 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
         a = replace(a, passes=0)
     b.set(pending=replace(p, canary=c, message=message), analysis=a)
     if c.index >= len(steps) and c.hold is Hold.NONE:
-        if scale and (c.capacity or 0) < 100 and not _scaled(b, 100, observed):
+        if scale and c.weight < 100 and not _scaled(b, 100, observed):
             return
         done = b.state.pending
         assert done is not None
