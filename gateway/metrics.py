@@ -7,6 +7,7 @@ never raw paths, so cardinality stays bounded by the number of services and clus
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +18,26 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 STEP_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# The request histogram's `le` bounds, +Inf last, as `Totals.buckets` carries them.
+TOTALS_BUCKETS = (*LATENCY_BUCKETS, math.inf)
+_BUCKET_INDEX = {bound: i for i, bound in enumerate(TOTALS_BUCKETS)}
+
+
+@dataclass(frozen=True)
+class Totals:
+    """One cluster's answers for one service since the counters started (process start).
+
+    `requests` counts every answer recorded with the cluster's label, `errors` those with a
+    5xx code (the 502/503/504 the gateway gives for a failed upstream carry the cluster too).
+    `counts[i]` is the number of answers that took at most `buckets[i]` seconds (Prometheus
+    `le` buckets: cumulative, +Inf last), summed over the service's apps. Canary analysis
+    subtracts two of these taken `interval_s` apart (rollout/analysis.py).
+    """
+
+    requests: int
+    errors: int
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]
 
 
 @dataclass
@@ -117,6 +138,49 @@ class Metrics:
 
     def upstream_error(self, service: str, cluster: str, kind: str) -> None:
         self.upstream_errors.labels(service, cluster, kind).inc()
+
+    def cluster_totals(self, service: str) -> dict[str, Totals]:
+        """`Totals` per cluster of `service` (see `all_cluster_totals`, which costs the same:
+        for several services, call that once)."""
+        return self.all_cluster_totals().get(service, {})
+
+    def all_cluster_totals(self) -> dict[str, dict[str, Totals]]:
+        """`Totals` per service and cluster, from the collectors' public `collect()` (what a
+        scrape sees). Answers without a cluster (the empty label: no route, no cluster up)
+        belong to no cluster and are left out. prometheus-client builds every sample of
+        every series on each collect (~45 µs per histogram series here), so read all
+        services in one call rather than one call per service."""
+        requests: dict[tuple[str, str], int] = {}
+        errors: dict[tuple[str, str], int] = {}
+        for family in self.requests.collect():
+            for s in family.samples:
+                labels = s.labels
+                if not labels["cluster"] or not s.name.endswith("_total"):
+                    continue  # no cluster, or a `_created` timestamp
+                key, n = (labels["service"], labels["cluster"]), round(s.value)
+                requests[key] = requests.get(key, 0) + n
+                if int(labels["code"]) >= 500:
+                    errors[key] = errors.get(key, 0) + n
+        counts: dict[tuple[str, str], list[int]] = {}
+        for family in self.duration.collect():
+            for s in family.samples:
+                labels = s.labels
+                if not labels["cluster"] or not s.name.endswith("_bucket"):
+                    continue  # `_count`, `_sum`, `_created`
+                key = (labels["service"], labels["cluster"])
+                per = counts.get(key)
+                if per is None:
+                    per = counts[key] = [0] * len(TOTALS_BUCKETS)
+                per[_BUCKET_INDEX[float(labels["le"])]] += round(s.value)
+        out: dict[str, dict[str, Totals]] = {}
+        for (service, cluster), n in requests.items():
+            out.setdefault(service, {})[cluster] = Totals(
+                requests=n,
+                errors=errors.get((service, cluster), 0),
+                buckets=TOTALS_BUCKETS,
+                counts=tuple(counts.get((service, cluster), [0] * len(TOTALS_BUCKETS))),
+            )
+        return out
 
     # ---- control plane ----------------------------------------------------------------
     def set_weights(self, weights: dict[str, dict[str, int]]) -> None:
