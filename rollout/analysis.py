@@ -77,10 +77,10 @@ _Sample = tuple[float, dict[str, Totals]]
 
 class Sampler:
     """Per service, a time-ordered deque of `(t, {cluster: Totals})` samples, bounded in age
-    (`max_age_s`, the longest window ever asked for plus slack) and in number: a sample that
-    comes less than `max_age_s / max_samples` after the one before the newest replaces the
-    newest instead of adding one, so recording faster than once a second keeps the count
-    near `max_samples` and still always holds the latest totals."""
+    (`max_age_s`: the longest window ever asked for, plus slack) and in number: while the
+    newest sample is less than about `max_age_s / max_samples` after the one before it, a
+    new sample replaces it instead of being added. So recording faster than that keeps the
+    count under `max_samples`, and the newest sample always holds the latest totals."""
 
     def __init__(self, max_age_s: float = 3700.0, max_samples: int = 4000) -> None:
         if max_age_s <= 0 or max_samples < 8:
@@ -240,7 +240,7 @@ def judge(spec: AnalysisSpec, canary: WindowStats, stable: WindowStats | None) -
 
 # Rates compare exactly, as fractions, against the limit as written in the spec (0.005, not the
 # binary float next to it): a canary exactly at its limit passes, whatever float subtraction
-# (3/200 - 1/100) would say.
+# (7/200 - 3/100 = 0.0050000000000000044) would say.
 def _share(stats: WindowStats) -> Fraction:
     return Fraction(stats.errors, stats.requests) if stats.requests else Fraction(0)
 
