@@ -188,6 +188,8 @@ class Outcome:
     model: str
     cluster: str
     detail: str
+    at: float = 0.0  # time.time() when the answer arrived (comparable with raygate events)
+    label: str = ""
 
 
 class Load:
@@ -210,12 +212,17 @@ class Load:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 try:
                     r = client.post(self.url + "/digits/", content=SAMPLE)
-                    body = r.json() if r.status_code == 200 else {}
+                    try:  # an error from the app says which cluster answered it too
+                        body = r.json()
+                    except json.JSONDecodeError:
+                        body = {}
+                    body = body if isinstance(body, dict) else {}
                     ok = r.status_code == 200 and body.get("prediction") == 0
                     out.append(Outcome(ok, r.status_code, body.get("model", ""),
-                                       body.get("cluster", ""), r.text[:300]))  # fmt: skip
-                except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                    out.append(Outcome(False, 0, "", "", repr(exc)))
+                                       body.get("cluster", ""), r.text[:300], time.time(),
+                                       str(body.get("label", ""))))  # fmt: skip
+                except httpx.HTTPError as exc:
+                    out.append(Outcome(False, 0, "", "", repr(exc), time.time()))
 
     def __enter__(self) -> Load:
         for t in self.threads:

@@ -2,7 +2,8 @@
 
 Trained when the replica starts on the digits data set that scikit-learn ships, so nothing is
 downloaded. `args.model` picks the estimator; `user_config.label` is a serve-only knob that
-changes without restarting replicas.
+changes without restarting replicas, and `user_config.fail_share` (0 to 1) makes that share
+of predictions answer 500: a bad release to show a canary being caught.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 MODELS = {
     "logreg": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
@@ -39,16 +41,23 @@ class DigitsClassifier:
         self.accuracy = float(self.estimator.score(x_test, y_test))
         self.train_seconds = time.perf_counter() - started
         self.label = "default"
+        self.fail_share = 0.0
+        self.answered = 0
         # Which cluster answered: raygate sets RAYGATE_CLUSTER in every Ray process it starts
         # locally; KubeRay sets RAY_CLUSTER_NAME (the RayCluster's name) in every Ray container.
         self.cluster = os.environ.get("RAYGATE_CLUSTER") or os.environ.get("RAY_CLUSTER_NAME", "")
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.label = str(config.get("label", "default"))
+        self.fail_share = min(1.0, max(0.0, float(config.get("fail_share", 0.0))))
 
-    async def __call__(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request) -> Any:
         if request.method == "GET":
             return self._about()
+        self.answered += 1
+        # Deterministic: of every 100 predictions, the first fail_share*100 fail.
+        if (self.answered % 100) < round(self.fail_share * 100):
+            return JSONResponse({"error": "injected failure", **self._about()}, status_code=500)
         payload = await request.json()
         pixels = payload.get("pixels")
         if not isinstance(pixels, list) or len(pixels) != 64:
