@@ -346,6 +346,7 @@ def create_admin_app(
             raise HTTPException(404, f"no service {name!r}")
         if revision is not None:
             status["revision"] = revision
+            status["rollback_of"] = store.revision(name, revision).rollback_of
         return JSONResponse(status, 202)
 
     # One route per command (not `/{command}`): each is listed in the schema by name.

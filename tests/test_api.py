@@ -542,7 +542,8 @@ async def test_rollback_in_the_bake_window_records_the_old_spec_again(
 
     r = await client.post("/v1/services/digits/rollback")
     assert r.status_code == 202, r.text
-    assert r.json()["revision"] == 3 and r.json()["desired_revision"] == 3
+    assert (r.json()["revision"], r.json()["rollback_of"], r.json()["desired_revision"]) == (
+        3, 1, 3)  # fmt: skip
     row = store.history("digits")[2]
     assert (row["revision"], row["rollback_of"], row["result"]) == (3, 1, "pending")
     assert store.revision("digits", 3).spec == store.revision("digits", 1).spec
