@@ -1,4 +1,5 @@
-"""The admin API (FastAPI): push specs, read status and history, delete services.
+"""The admin API (FastAPI): push specs, read status and history, delete services, and the
+operator's canary commands (promote, abort, pause, resume, rollback).
 
 Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>`, /openapi.json
 included; the Swagger and ReDoc pages are off (a browser cannot send the token, and they
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from rollout.conflicts import route_conflicts
-from rollout.plan import ServiceState
+from rollout.plan import COMMANDS, Analysis, Command, Hold, Pending, ServiceState, refusal
 from rollout.spec import ServiceSpec, SpecError, parse_spec
 from rollout.store import Store
 
@@ -43,6 +44,17 @@ EXAMPLE = {
         {"name": "digits", "route_prefix": "/digits", "import_path": "digits:build"},
     ]},
 }  # fmt: skip
+# A command's body is `{}`, `{"full": true}` or `{"to": 3}`: a few bytes, never a spec.
+MAX_COMMAND_BYTES = 4096
+# Each command's body fields and their one JSON type (bool is not an int here: `{"to": true}`
+# is a mistake, not revision 1).
+COMMAND_FIELDS: dict[str, dict[str, type]] = {
+    **{kind: {} for kind in COMMANDS},
+    "promote": {"full": bool},
+    "rollback": {"to": int},
+}
+MAX_REVISION = 2**62  # SQLite's INTEGER holds 64 bits: a bigger `to` would be a 500
+_JSON_TYPES = {bool: "true or false", int: "an integer"}
 NameParam = Annotated[str, Path(examples=["digits"])]  # documents, does not constrain
 # libyaml's safe loader where PyYAML was built with it: ~5x faster than the pure-Python one.
 _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -78,6 +90,7 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
             "started_at": p.started_at,
             "healthy_streak": p.ok_streak,
             "message": p.message,
+            **_canary_status(store, state, p),
         }
         last = {"revision": p.revision, "result": "in_progress", "message": p.message}
     elif state.last_rollout is not None:
@@ -90,9 +103,17 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
         "active": active,
         "pending": pending,
         "retiring": [
-            {"cluster": r.cluster, "since": r.since, "in_flight": in_flight.get(r.cluster, 0)}
+            {
+                "cluster": r.cluster,
+                "revision": r.revision,
+                "since": r.since,
+                "bake_until": r.bake_until,  # kept at weight 0 until then, ready to take back
+                "in_flight": in_flight.get(r.cluster, 0),
+            }
             for r in state.retiring
         ],
+        # The new revision's verdicts while it bakes (the canary's are under `pending`).
+        "analysis": _analysis(state.analysis) if state.pending is None else None,
         "last_rollout": last,
         "waiting": state.waiting or None,  # why the desired revision has not started yet
         # A cluster whose dashboard does not answer keeps its role (phase unchanged) until
@@ -109,6 +130,54 @@ def _status(store: Store, state: ServiceState, in_flight: Mapping[str, int]) -> 
         "in_flight": {c: in_flight.get(c, 0) for c in state.clusters()},
         "routes": desired.spec.app_routes(),
         "events": store.events(state.name, 20),
+    }
+
+
+def _canary_status(store: Store, state: ServiceState, p: Pending) -> dict[str, Any]:
+    """The pending rollout's canary: `canary_step.index` counts from 1 (as the CLI prints
+    it, "step 2/4") and names the step under way; it is null before the steps begin (health
+    gates) and once every step is done."""
+    revision = store.revision(state.name, p.revision)
+    canary = revision.spec.upgrade.canary
+    steps = canary.steps if canary is not None and revision.canary else ()
+    c = p.canary
+    step = None
+    paused = False
+    if c is not None and c.index < len(steps):
+        current = steps[c.index]
+        step = {"index": c.index + 1, "of": len(steps),
+                "step": current.model_dump(mode="json", exclude_none=True)}  # fmt: skip
+        paused = current.pause is not None and current.pause.duration_s is None
+    return {
+        # What this rollout runs as: a rollback never walks canary steps, whatever its spec.
+        "strategy": "canary" if revision.canary else "bluegreen",
+        "canary_step": step,
+        "weight": c.weight if c is not None else 0,
+        "paused": c is not None and (paused or c.hold is not Hold.NONE),
+        "hold": c.hold.value if c is not None and c.hold is not Hold.NONE else None,
+        "analysis": _analysis(state.analysis),
+    }
+
+
+def _analysis(a: Analysis | None) -> dict[str, Any] | None:
+    """The last verdict and the values behind it (null fields before the first interval is
+    judged), with the run of failed and inconclusive intervals that abort or pause."""
+    if a is None:
+        return None
+    verdict: dict[str, Any] = (
+        a.verdict.to_json() if a.verdict is not None else {
+            "result": None, "message": "no interval judged yet", "canary_requests": 0,
+            "stable_requests": None, "error_rate": None, "stable_error_rate": None,
+            "p99_ms": None,
+        }
+    )  # fmt: skip
+    return {
+        **verdict,
+        "cluster": a.cluster,
+        "stable": a.stable,
+        "judged_at": a.last_at,
+        "failures": a.failures,
+        "inconclusive": a.inconclusive,
     }
 
 
@@ -227,6 +296,70 @@ def create_admin_app(
         wake(name)
         return {"name": name, "phase": "deleting"}
 
+    async def command_body(request: Request, kind: str) -> dict[str, Any] | JSONResponse:
+        """The command's JSON body as its fields, or the 413/422 that says what is wrong."""
+        body = await read_limited(request, MAX_COMMAND_BYTES)
+        if body is None:
+            return JSONResponse(
+                {"detail": f"request body larger than {MAX_COMMAND_BYTES} bytes"}, 413
+            )
+        if not body.strip():
+            return {}
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return _invalid([("", "body must be a JSON object")], "invalid command")
+        if not isinstance(raw, dict):
+            return _invalid([("", "body must be a JSON object")], "invalid command")
+        fields = COMMAND_FIELDS[kind]
+        problems = []
+        for key, value in raw.items():
+            want = fields.get(key)
+            if want is None:
+                allowed = ", ".join(fields) or "none"
+                problems.append((_ascii(key), f"unknown field for {kind} (allowed: {allowed})"))
+            elif type(value) is not want:
+                problems.append((key, f"must be {_JSON_TYPES[want]}"))
+            elif isinstance(value, int) and not 1 <= value <= MAX_REVISION:
+                problems.append((key, f"must be a revision number (1 to {MAX_REVISION})"))
+        return _invalid(problems, "invalid command") if problems else raw
+
+    async def command(name: str, request: Request, kind: str) -> JSONResponse:
+        parsed = await command_body(request, kind)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        revision = None
+        if kind == "rollback":
+            if store.load(name) is None:
+                raise HTTPException(404, f"no service {name!r}")
+            revision, why = store.rollback(name, parsed.get("to"), time.time())
+        else:
+            queued = Command(kind, bool(parsed.get("full", False)))
+            exists, why = store.queue_command(name, queued, lambda s: refusal(s, queued))
+            if not exists:
+                raise HTTPException(404, f"no service {name!r}")
+        if why is not None:
+            return JSONResponse({"detail": why}, 409)
+        wake(name)
+        status = status_of(store, name, await flights_or_none())
+        if status is None:  # deleted in between: the command went with it
+            raise HTTPException(404, f"no service {name!r}")
+        if revision is not None:
+            status["revision"] = revision
+            status["rollback_of"] = store.revision(name, revision).rollback_of
+        return JSONResponse(status, 202)
+
+    # One route per command (not `/{command}`): each is listed in the schema by name.
+    for kind in (*COMMANDS, "rollback"):
+
+        async def endpoint(name: NameParam, request: Request, kind: str = kind) -> JSONResponse:
+            return await command(name, request, kind)
+
+        app.add_api_route(
+            f"/v1/services/{{name}}/{kind}", endpoint, methods=["POST"],
+            dependencies=guarded, name=kind, status_code=202,
+        )  # fmt: skip
+
     if metrics_registry is not None:
         registry = metrics_registry
 
@@ -338,7 +471,5 @@ def _inline_schema(model: type[ServiceSpec]) -> dict[str, Any]:
     return inlined
 
 
-def _invalid(problems: list[tuple[str, str]]) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "invalid spec", "errors": SpecError(problems).as_json()}, status_code=422
-    )
+def _invalid(problems: list[tuple[str, str]], detail: str = "invalid spec") -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": SpecError(problems).as_json()}, 422)

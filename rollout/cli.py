@@ -1,6 +1,6 @@
 """The `raygate` command: `up` runs everything in the foreground, `down` tears down what an
-`up --on-exit keep` left; `push`, `status`, `history` and `delete` talk to the admin API with
-httpx."""
+`up --on-exit keep` left; `push`, `status`, `history`, `delete` and the canary commands
+(`promote`, `abort`, `pause`, `resume`, `rollback`) talk to the admin API with httpx."""
 
 from __future__ import annotations
 
@@ -141,6 +141,22 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     client(delete)
     delete.set_defaults(func=_delete)
+
+    for kind, text in (
+        ("promote", "a canary: on to its next step (or, with --full, past every step left)"),
+        ("abort", "stop the rollout in progress: all traffic back on the stable cluster"),
+        ("pause", "hold a canary at its step and weight until `raygate resume`"),
+        ("resume", "go on with a canary held by `raygate pause` or for lack of data"),
+        ("rollback", "bring back the previous good revision (or --to REVISION) as a new one"),
+    ):
+        cmd = sub.add_parser(kind, help=text)
+        cmd.add_argument("name")
+        if kind == "promote":
+            cmd.add_argument("--full", action="store_true", help="skip every remaining step")
+        if kind == "rollback":
+            cmd.add_argument("--to", type=int, metavar="REVISION")
+        client(cmd)
+        cmd.set_defaults(func=_command, kind=kind)
     return p
 
 
@@ -369,6 +385,43 @@ def _status(args: argparse.Namespace) -> int:
             print()
 
 
+def _when(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
+def _canary_lines(p: dict[str, Any]) -> list[str]:
+    """A canary under way, in words: its step, its weight, whether (and why) it holds."""
+    if p.get("strategy") != "canary" or p.get("step") != "canary":
+        return []
+    step = p.get("canary_step")
+    where = "every step done" if step is None else f"step {step['index']}/{step['of']}"
+    if step is not None:
+        s = step["step"]
+        if "weight" in s:
+            where += f" (weight {s['weight']}%)"
+        elif s.get("pause", {}).get("duration_s") is not None:
+            where += f" (pause {s['pause']['duration_s']:g}s)"
+        else:
+            where += " (pause until promoted)"
+    line = f"  canary:  {where}, weight now {p.get('weight', 0)}%"
+    hold = p.get("hold")
+    if hold == "user":
+        line += ", PAUSED by `raygate pause` (resume, promote or abort)"
+    elif hold == "no_data":
+        line += ", PAUSED: not enough traffic to judge (resume, promote or abort)"
+    elif p.get("paused"):
+        line += ", PAUSED: waiting for `raygate promote`"
+    return [line]
+
+
+def _analysis_line(a: dict[str, Any] | None, what: str) -> list[str]:
+    if not a:
+        return []
+    counts = f"failed {a['failures']}, no data {a['inconclusive']} in a row"
+    result = a["result"] or "not judged yet"
+    return [f"  {what}: {result}: {a['message']} ({counts})"]
+
+
 def _print_table(services: list[dict[str, Any]]) -> None:
     if not services:
         print("no services")
@@ -382,6 +435,15 @@ def _print_table(services: list[dict[str, Any]]) -> None:
             print(f"  pending: r{p['revision']} {p['kind']} {p['step']} on {p['cluster']}")
             if p["message"]:
                 print(f"           {p['message'].splitlines()[0][:120]}")
+            for line in _canary_lines(p) + _analysis_line(p.get("analysis"), "analysis"):
+                print(line)
+        for r in s.get("retiring") or []:
+            if r.get("bake_until") is not None:
+                revision = f" (r{r['revision']})" if r.get("revision") is not None else ""
+                print(f"  baking:  {r['cluster']}{revision} kept at weight 0 until "
+                      f"{_when(r['bake_until'])}, ready to take traffic back")  # fmt: skip
+        for line in _analysis_line(s.get("analysis"), "bake analysis"):
+            print(line)
         lr = s["last_rollout"]
         if lr:
             first = (lr["message"] or "").splitlines()[0][:120] if lr["message"] else ""
@@ -399,10 +461,37 @@ def _history(args: argparse.Namespace) -> int:
             return _fail(resp)
         for r in resp.json():
             pushed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["pushed_at"]))
+            of = f"  rollback of r{r['rollback_of']}" if r.get("rollback_of") else ""
             print(
-                f"r{r['revision']}  {pushed}  {r['spec_hash']}  {r['result']}  "
+                f"r{r['revision']}  {pushed}  {r['spec_hash']}  {r['result']}{of}  "
                 f"{(r['message'] or '').splitlines()[0][:100] if r['message'] else ''}"
             )
+    return 0
+
+
+def _command(args: argparse.Namespace) -> int:
+    """promote/abort/pause/resume/rollback: queued for the controller's next tick (202); a
+    command that does not apply now is a 409 whose reason is printed (exit 1)."""
+    body: dict[str, Any] = {}
+    if getattr(args, "full", False):
+        body["full"] = True
+    if getattr(args, "to", None) is not None:
+        body["to"] = args.to
+    with _client(args) as client:
+        resp = client.post(f"/v1/services/{args.name}/{args.kind}", json=body)
+    if resp.status_code == 409:
+        print(f"raygate: {args.kind} {args.name}: {resp.json()['detail']}", file=sys.stderr)
+        return 1
+    if resp.status_code != 202:
+        return _fail(resp)
+    s = resp.json()
+    if args.kind == "rollback":
+        print(f"{args.name}: revision {s['revision']} brings back the spec of revision "
+              f"{s['rollback_of']} (no canary steps)")  # fmt: skip
+    else:
+        what = "promote --full" if body.get("full") else args.kind
+        print(f"{args.name}: {what} queued")
+    print(f"  {_progress(s)}")
     return 0
 
 

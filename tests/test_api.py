@@ -13,8 +13,22 @@ import httpx
 import pytest
 import yaml
 
+from rollout.analysis import Outcome, Verdict
 from rollout.api import create_admin_app
-from rollout.plan import Active, Result, RolloutRecord, ServiceState
+from rollout.plan import (
+    Active,
+    Analysis,
+    Canary,
+    Command,
+    Hold,
+    Kind,
+    Pending,
+    Result,
+    Retiring,
+    RolloutRecord,
+    ServiceState,
+    Step,
+)
 from rollout.store import Store
 
 TOKEN = "test-token"
@@ -166,8 +180,6 @@ async def test_delete_marks_the_service_and_a_push_revives_it(
 
 
 def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
-    from rollout.plan import Kind, Pending, Retiring, Step
-
     first = Store(tmp_path / "db")
     from rollout.spec import parse_spec
 
@@ -375,3 +387,239 @@ async def test_ready_says_why_not_until_raygate_can_take_traffic(store: Store) -
         why[0] = None
         r = await c.get("/-/ready")
         assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+# ---- canary commands and status ----------------------------------------------------------
+CANARY = {
+    "strategy": "canary",
+    "canary": {
+        "steps": [{"weight": 20}, {"pause": {"duration_s": 30}}, {"weight": 50}, {"pause": {}}],
+        "analysis": {"interval_s": 5, "min_requests": 20},
+    },
+}
+
+
+def canary_spec(label: str = "b") -> dict[str, Any]:
+    raw = spec(label=label)
+    raw["upgrade"].update(CANARY)
+    return raw
+
+
+def put_state(store: Store, state: ServiceState, *finished: RolloutRecord) -> None:
+    """Commit `state` as the controller would (compare-and-swap on the loaded version)."""
+    loaded = store.load_versioned(state.name)
+    assert loaded is not None
+    store.commit(state, finished, [], 10.0, version=loaded[1])
+
+
+async def live_r1(client: httpx.AsyncClient, store: Store) -> None:
+    """Revision 1 live on c1."""
+    assert (await client.put("/v1/services/digits", json=spec())).status_code == 202
+    put_state(store, ServiceState("digits", Active("c1", 1, "h1")),
+              RolloutRecord(1, Result.SUCCEEDED, "live"))  # fmt: skip
+
+
+def canary_state(canary: Canary, step: Step = Step.CANARY, verdict: Verdict | None = None
+                 ) -> ServiceState:  # fmt: skip
+    pending = Pending(2, Kind.NEW_CLUSTER, "c2", "h2", step, 5.0, 0, "weight 20%",
+                      canary if step is Step.CANARY else None)  # fmt: skip
+    analysis = Analysis("c2", "c1", 9.0, failures=0, inconclusive=1, verdict=verdict)
+    return ServiceState("digits", Active("c1", 1, "h1"), pending,
+                        analysis=analysis if step is Step.CANARY else None)  # fmt: skip
+
+
+async def test_status_shows_the_canary_step_weight_and_last_verdict(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    assert (await client.put("/v1/services/digits", json=canary_spec())).status_code == 202
+    put_state(store, canary_state(Canary(), Step.HEALTH))
+    p = (await client.get("/v1/services/digits")).json()["pending"]
+    assert (p["strategy"], p["canary_step"], p["weight"], p["paused"]) == ("canary", None, 0, False)
+    assert p["hold"] is None and p["analysis"] is None
+
+    verdict = Verdict(Outcome.INCONCLUSIVE, "not enough traffic to judge: 12 requests in 5 s",
+                      12, 40, 0.0, 0.0, 80.0)  # fmt: skip
+    put_state(store, canary_state(Canary(1, 20, 6.0), verdict=verdict))
+    body = (await client.get("/v1/services/digits")).json()
+    p = body["pending"]
+    assert body["phase"] == "upgrading" and p["step"] == "canary"
+    assert p["canary_step"] == {"index": 2, "of": 4, "step": {"pause": {"duration_s": 30.0}}}
+    assert (p["weight"], p["paused"], p["hold"]) == (20, False, None)
+    assert p["analysis"] == {**verdict.to_json(), "cluster": "c2", "stable": "c1",
+                             "judged_at": 9.0, "failures": 0, "inconclusive": 1}  # fmt: skip
+    assert body["traffic"] == {"c1": 80, "c2": 20}
+    assert body["analysis"] is None  # only while a bake window runs
+
+    put_state(store, canary_state(Canary(3, 50, 6.0)))  # at `pause: {}`: waits for promote
+    p = (await client.get("/v1/services/digits")).json()["pending"]
+    assert p["canary_step"] == {"index": 4, "of": 4, "step": {"pause": {}}}
+    assert (p["paused"], p["hold"]) == (True, None)
+    assert p["analysis"]["result"] is None and p["analysis"]["canary_requests"] == 0
+
+    put_state(store, canary_state(Canary(2, 20, 6.0, Hold.NO_DATA)))
+    p = (await client.get("/v1/services/digits")).json()["pending"]
+    assert (p["canary_step"]["index"], p["paused"], p["hold"]) == (3, True, "no_data")
+
+
+async def test_a_rollback_shows_as_bluegreen_whatever_its_spec(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await client.put("/v1/services/digits", json=canary_spec("a"))
+    put_state(store, ServiceState("digits", Active("c1", 1, "h1")),
+              RolloutRecord(1, Result.SUCCEEDED, "live"))  # fmt: skip
+    await client.put("/v1/services/digits", json=canary_spec("b"))
+    put_state(store, ServiceState("digits", Active("c1", 2, "h1")),
+              RolloutRecord(2, Result.SUCCEEDED, "live"))  # fmt: skip
+    r = await client.post("/v1/services/digits/rollback")
+    assert r.status_code == 202, r.text
+    pending = Pending(3, Kind.NEW_CLUSTER, "c2", "h1", Step.HEALTH, 5.0)
+    put_state(store, ServiceState("digits", Active("c1", 2, "h1"), pending))
+    p = (await client.get("/v1/services/digits")).json()["pending"]
+    assert (p["revision"], p["strategy"], p["canary_step"]) == (3, "bluegreen", None)
+
+
+async def test_canary_commands_are_queued_and_wake_the_controller(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    await client.put("/v1/services/digits", json=canary_spec())
+    put_state(store, canary_state(Canary(1, 20, 6.0)))
+    client.woken.clear()  # type: ignore[attr-defined]
+    for path, body in (("pause", None), ("promote", {"full": True}), ("promote", {}),
+                       ("abort", {})):  # fmt: skip
+        r = await client.post(f"/v1/services/digits/{path}", json=body)
+        assert r.status_code == 202, (path, r.text)
+        assert r.json()["pending"]["weight"] == 20 and r.json()["name"] == "digits"
+    state = store.load("digits")
+    assert state is not None
+    assert state.commands == (Command("pause"), Command("promote", True), Command("promote"),
+                              Command("abort"))  # fmt: skip
+    assert client.woken == ["digits"] * 4  # type: ignore[attr-defined]
+    put_state(store, canary_state(Canary(1, 20, 6.0, Hold.USER)))
+    assert (await client.post("/v1/services/digits/resume")).status_code == 202
+
+
+async def test_commands_that_do_not_apply_are_409_with_the_reason_and_queue_nothing(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    r = await client.post("/v1/services/digits/promote")
+    assert r.status_code == 409 and r.json() == {"detail": "no rollout in progress"}
+    assert (await client.post("/v1/services/digits/abort")).status_code == 409
+    await client.put("/v1/services/digits", json=canary_spec())
+    put_state(store, canary_state(Canary(), Step.HEALTH))
+    r = await client.post("/v1/services/digits/pause")
+    assert r.status_code == 409 and "in its health step" in r.json()["detail"]
+    put_state(store, canary_state(Canary(1, 20, 6.0)))
+    r = await client.post("/v1/services/digits/resume")
+    assert r.status_code == 409 and "not paused" in r.json()["detail"]
+    put_state(store, canary_state(Canary(1, 20, 6.0, Hold.USER)))
+    r = await client.post("/v1/services/digits/pause")
+    assert r.status_code == 409 and r.json()["detail"] == "the canary is paused already"
+    state = store.load("digits")
+    assert state is not None and state.commands == ()
+    assert client.woken == ["digits"] * 2  # type: ignore[attr-defined]  # the pushes only
+
+
+async def test_rollback_in_the_bake_window_records_the_old_spec_again(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    await client.put("/v1/services/digits", json=spec(label="b"))
+    verdict = Verdict(Outcome.PASS, "error rate 0.0% over 80 requests", 80, None, 0.0, None, 9.0)
+    baking = ServiceState(
+        "digits", Active("c2", 2, "h1"),
+        retiring=(Retiring("c1", 9.0, 30.0, 0.0, 1, 1e12),),
+        analysis=Analysis("c2", None, 9.0, verdict=verdict),
+    )  # fmt: skip
+    put_state(store, baking, RolloutRecord(2, Result.SUCCEEDED, "live"))
+    body = (await client.get("/v1/services/digits")).json()
+    assert body["retiring"] == [{"cluster": "c1", "revision": 1, "since": 9.0,
+                                 "bake_until": 1e12, "in_flight": 2}]  # fmt: skip
+    assert body["analysis"]["result"] == "pass" and body["analysis"]["stable"] is None
+    assert body["traffic"] == {"c1": 0, "c2": 100}
+
+    r = await client.post("/v1/services/digits/rollback")
+    assert r.status_code == 202, r.text
+    assert (r.json()["revision"], r.json()["rollback_of"], r.json()["desired_revision"]) == (
+        3, 1, 3)  # fmt: skip
+    row = store.history("digits")[2]
+    assert (row["revision"], row["rollback_of"], row["result"]) == (3, 1, "pending")
+    assert store.revision("digits", 3).spec == store.revision("digits", 1).spec
+    history = (await client.get("/v1/services/digits/history")).json()
+    assert [h["rollback_of"] for h in history] == [None, None, 1]
+    assert client.woken[-1] == "digits"  # type: ignore[attr-defined]
+
+
+async def test_rollback_to_a_named_revision_and_when_there_is_none(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    r = await client.post("/v1/services/digits/rollback")
+    assert r.status_code == 409
+    assert r.json() == {"detail": "no good revision before the live one (1)"}
+    await client.put("/v1/services/digits", json=spec(label="b"))
+    put_state(store, ServiceState("digits", Active("c1", 1, "h1")),
+              RolloutRecord(2, Result.ABORTED, "analysis failed"))  # fmt: skip
+    await client.put("/v1/services/digits", json=spec(label="c"))
+    put_state(store, ServiceState("digits", Active("c1", 3, "h1")),
+              RolloutRecord(3, Result.SUCCEEDED, "live"))  # fmt: skip
+    r = await client.post("/v1/services/digits/rollback", json={"to": 2})
+    assert r.status_code == 409
+    assert r.json()["detail"] == "revision 2 is not a good revision (its rollout: aborted)"
+    r = await client.post("/v1/services/digits/rollback", json={"to": 9})
+    assert r.status_code == 409 and r.json()["detail"] == "digits has no revision 9"
+    r = await client.post("/v1/services/digits/rollback", json={"to": 1})
+    assert r.status_code == 202 and r.json()["revision"] == 4
+    assert store.history("digits")[3]["rollback_of"] == 1
+
+
+COMMAND_PATHS = ("promote", "abort", "pause", "resume", "rollback")
+
+
+async def test_commands_need_the_token_and_an_existing_service(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    for path in COMMAND_PATHS:
+        r = await client.post(f"/v1/services/digits/{path}", headers={"Authorization": ""})
+        assert r.status_code == 401, path
+        r = await client.post(f"/v1/services/nope/{path}", json={})
+        assert r.status_code == 404 and r.json() == {"detail": "no service 'nope'"}, path
+    assert store.history("digits")[-1]["revision"] == 1
+    schema = (await client.get("/openapi.json")).json()
+    assert {f"/v1/services/{{name}}/{p}" for p in COMMAND_PATHS} <= set(schema["paths"])
+
+
+async def test_bad_command_bodies_are_422_naming_the_field(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await live_r1(client, store)
+    cases: list[tuple[str, str | bytes, str, str]] = [
+        ("promote", '{"full": "yes"}', "full", "true or false"),
+        ("promote", '{"full": 1}', "full", "true or false"),
+        ("promote", '{"to": 1}', "to", "unknown field for promote (allowed: full)"),
+        ("rollback", '{"to": "3"}', "to", "an integer"),
+        ("rollback", '{"to": true}', "to", "an integer"),
+        ("rollback", '{"to": 1.0}', "to", "an integer"),
+        ("rollback", '{"to": 0}', "to", "revision number"),
+        ("rollback", '{"to": 99999999999999999999}', "to", "revision number"),
+        ("rollback", '{"full": true}', "full", "unknown field for rollback (allowed: to)"),
+        ("abort", '{"full": true}', "full", "unknown field for abort (allowed: none)"),
+        ("pause", '{"\\ud800": 1}', "\\ud800", "unknown field"),
+        ("resume", "[1]", "", "a JSON object"),
+        ("pause", "{not json", "", "a JSON object"),
+        ("pause", b"\xff\xfe", "", "a JSON object"),
+        ("pause", "[" * 3000, "", "a JSON object"),
+    ]
+    for path, body, field, words in cases:
+        r = await client.post(f"/v1/services/digits/{path}", content=body)
+        assert r.status_code == 422, (path, body, r.status_code, r.text)
+        [error] = r.json()["errors"]
+        assert error["field"] == field and words in error["message"], (path, body, error)
+    r = await client.post("/v1/services/digits/abort", content=b" " * 5000)
+    assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["detail"]
+    state = store.load("digits")
+    assert state is not None and state.commands == ()
+    assert [h["revision"] for h in store.history("digits")] == [1]

@@ -46,6 +46,18 @@ def test_examples_are_valid() -> None:
         assert spec.app_routes() == {"digits": "/digits"}
 
 
+def test_the_canary_example_is_valid_and_walks_the_readme_steps() -> None:
+    spec = load_spec_file(EXAMPLES / "canary.yaml")
+    canary = spec.upgrade.canary
+    assert spec.upgrade.strategy == "canary" and canary is not None
+    steps = [s.model_dump(mode="json", exclude_none=True) for s in canary.steps]
+    assert steps == [{"weight": 20}, {"pause": {"duration_s": 30.0}}, {"weight": 50},
+                     {"pause": {}}]  # fmt: skip
+    assert (canary.analysis.interval_s, canary.analysis.min_requests) == (5.0, 20)
+    v2 = load_spec_file(EXAMPLES / "v2.yaml")  # the same revision, rolled out as a canary
+    assert (spec.cluster_hash(), spec.serve_hash()) == (v2.cluster_hash(), v2.serve_hash())
+
+
 def test_typo_in_serve_deployment_is_rejected_with_its_path() -> None:
     raw = base()
     raw["serve"]["applications"][0]["deployments"][0]["num_replica"] = 2
