@@ -495,3 +495,17 @@ def test_canary_invariants_over_random_histories(data: st.DataObject) -> None:
         for a in d.actions:
             if isinstance(a, DeleteCluster):
                 assert traffic.get(a.cluster, 0) == 0
+
+
+def test_a_first_deploy_with_strategy_canary_goes_live_with_all_traffic() -> None:
+    """Nothing live: no traffic to protect and nothing to compare against (found by review:
+    it used to walk the steps at 20% of a table that held only it, waiting for promote)."""
+    w = World()
+    w.push(canary_spec())
+    w.tick({})
+    cid = w.state.pending.cluster if w.state.pending else ""
+    w.tick({cid: ClusterObservation(Liveness.UP)})
+    w.tick({cid: up()})
+    w.tick({cid: up()})
+    assert w.state.pending is None and w.state.active is not None
+    assert w.state.traffic() == {cid: 100}
