@@ -346,7 +346,9 @@ class Controller:
             message = seen.message
             proxy_ok = None
             if liveness is Liveness.UP and expected is not None and expected in revisions:
-                is_pending = state.pending is not None and state.pending.cluster == cid
+                p = state.pending
+                # The smoke probes gate the switch; a canary is judged on real traffic.
+                is_pending = p is not None and p.cluster == cid and p.step is not Step.CANARY
                 report = await self.health.check(
                     info.dashboard_url, info.serve_url, revisions[expected].spec, probes=is_pending
                 )

@@ -573,7 +573,10 @@ def _start(
         return
     s = b.state
     in_place = s.active is not None and s.active.cluster_hash == target.cluster_hash
-    if in_place and not target.canary and s.active is not None:
+    running = revisions.get(s.active.revision) if s.active is not None else None
+    # A push that changes nothing the clusters run (only `upgrade`, say) is no canary.
+    canary = target.canary and not (running is not None and running.same_as(target))
+    if in_place and not canary and s.active is not None:
         _end_bake(b, target.number, now)
         b.set(
             pending=Pending(

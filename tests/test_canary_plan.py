@@ -509,3 +509,12 @@ def test_a_first_deploy_with_strategy_canary_goes_live_with_all_traffic() -> Non
     w.tick({cid: up()})
     assert w.state.pending is None and w.state.active is not None
     assert w.state.traffic() == {cid: 100}
+
+
+def test_a_push_that_changes_only_upgrade_is_no_canary() -> None:
+    w = World()
+    old = live(w, canary_spec(cpus=2, label="a", strategy="bluegreen"))
+    w.push(canary_spec(cpus=2, label="a", bake=60))  # same cluster and Serve config
+    d = w.tick({old: up()})
+    assert w.state.pending is not None and w.state.pending.kind is Kind.IN_PLACE
+    assert not any(isinstance(a, CreateCluster) for a in d.actions)
