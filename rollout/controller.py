@@ -261,6 +261,7 @@ class Controller:
         phases = tuple(p.value for p in Phase)
         if decision.gone:
             self.metrics.forget_service(name, phases)
+            self.sampler.forget(name)
         else:
             self.metrics.set_phase(name, after.phase.value, phases)
         for record in decision.finished:
