@@ -150,7 +150,8 @@ def _canary_status(store: Store, state: ServiceState, p: Pending) -> dict[str, A
         paused = current.pause is not None and current.pause.duration_s is None
     return {
         # What this rollout runs as: a rollback never walks canary steps, whatever its spec.
-        "strategy": "canary" if revision.canary else "bluegreen",
+        # (and an in-place update, of a push that changed only `upgrade`, is none either)
+        "strategy": "canary" if revision.canary and p.kind.value == "new_cluster" else "bluegreen",
         "canary_step": step,
         "weight": c.weight if c is not None else 0,
         "paused": c is not None and (paused or c.hold is not Hold.NONE),

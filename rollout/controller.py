@@ -331,8 +331,9 @@ class Controller:
                 continue
             info, _ = record
             expected = state.expected_revision(cid)
-            if any(r.cluster == cid for r in state.retiring):
-                expected = None  # a retiring cluster's health gates nothing
+            if any(r.cluster == cid and not r.baking(self.clock()) for r in state.retiring):
+                expected = None  # a retiring cluster's health gates nothing (a baked one's
+                # does: traffic may go back to it)
             creating = self._creating.get(cid)
             if creating is not None and not creating.done():  # its start is under way
                 out[cid] = ClusterObservation(Liveness.STARTING, message="starting the cluster",

@@ -121,6 +121,7 @@ class Canary:
     step_since: float = 0.0  # when the step under way began
     hold: Hold = Hold.NONE
     capacity: int | None = None  # scale_with_traffic: Serve target_capacity on the canary
+    promoted: bool = False  # `raygate promote` took it past its last step: no pass needed
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Retiring:
     # Kept (weight 0, not drained) until then: a failed analysis or `raygate rollback` in
     # the bake window puts traffic back on it at once.
     bake_until: float | None = None
+    capacity: int | None = None  # the Serve target_capacity it was left at (None: full)
 
     def baking(self, now: float) -> bool:
         return self.bake_until is not None and now < self.bake_until
@@ -205,6 +207,9 @@ class ServiceState:
     failed_up_to: int = 0  # the newest revision whose rollout was aborted
     analysis: Analysis | None = None
     commands: tuple[Command, ...] = ()
+    # scale_with_traffic: the Serve target_capacity last sent to the active cluster (None:
+    # full). Level-triggered (`_keep_capacity`): whatever ends a canary gives it back.
+    active_capacity: int | None = None
 
     @property
     def phase(self) -> Phase:
@@ -375,13 +380,14 @@ def plan(
     if b.state.deleting:
         return _delete_service(b, revisions, now)
     _apply_commands(b, revisions, now)
-    _handle_dead_active(b, observed)
+    _handle_dead_active(b, revisions, observed, now)
     _replace_unresponsive_active(b, revisions, observed, now, new_cluster_id)
     _bake(b, revisions, observed, now)
     _supersede(b, desired, revisions, observed, now, new_cluster_id)
     _start(b, desired, revisions, observed, now, new_cluster_id)
     _advance(b, revisions, observed, now, new_cluster_id)
     _keep_active_deployed(b, observed)
+    _keep_capacity(b, revisions)
     return b.decision()
 
 
@@ -450,6 +456,9 @@ def _retire(b: _Builder, observed: Observation, now: float) -> None:
 
 
 def _delete_service(b: _Builder, revisions: Mapping[int, Revision], now: float) -> Decision:
+    if any(r.bake_until is not None for r in b.state.retiring):  # nothing to roll back to
+        b.set(retiring=tuple(replace(r, bake_until=None) for r in b.state.retiring))
+    b.set(analysis=None)
     s = b.state
     if s.pending is not None:
         if s.pending.kind is Kind.NEW_CLUSTER:
@@ -466,18 +475,22 @@ def _delete_service(b: _Builder, revisions: Mapping[int, Revision], now: float) 
     return b.decision(gone=not b.state.retiring)
 
 
-def _handle_dead_active(b: _Builder, observed: Observation) -> None:
+def _handle_dead_active(
+    b: _Builder, revisions: Mapping[int, Revision], observed: Observation, now: float
+) -> None:
     """An active cluster that is really gone (DEAD: its processes or object are gone) holds
     nothing worth keeping: it is deleted and its revision brought back on a new cluster."""
     active = b.state.active
     if active is None or observed.of(active.cluster).liveness is not Liveness.DEAD:
+        return
+    if _to_baked(b, revisions, observed, now, f"active cluster {active.cluster} is gone"):
         return
     b.event(f"active cluster {active.cluster} is gone; its traffic has nowhere to go")
     if b.state.pending is not None and b.state.pending.cluster == active.cluster:
         b.end_rollout(b.state.pending.revision, Result.ABORTED, "the cluster died")
         b.set(pending=None)
     b.act(DeleteCluster(active.cluster, "dead"))
-    b.set(active=None, restore=active.revision)
+    b.set(active=None, restore=active.revision, analysis=None, active_capacity=None)
 
 
 def _replace_unresponsive_active(
@@ -495,6 +508,9 @@ def _replace_unresponsive_active(
         return
     window = revisions[active.revision].spec.liveness.dead_after_s
     if not _unresponsive(b, active.cluster, observed.of(active.cluster), now, window):
+        return
+    why = f"cluster {active.cluster} has not answered for {window:g}s"
+    if p is None and _to_baked(b, revisions, observed, now, why):
         return
     if p is not None and p.kind is Kind.NEW_CLUSTER:
         return  # a new cluster is on its way already; it replaces this one when it passes
@@ -637,7 +653,7 @@ def _advance(
     if p.step is Step.CREATE_CLUSTER:
         if obs.liveness is Liveness.UP:
             b.set(pending=replace(p, step=Step.HEALTH))
-            b.act(DeployServe(p.cluster, p.revision))
+            b.act(DeployServe(p.cluster, p.revision, _pending_capacity(b.state, p, revisions)))
             b.event(f"cluster {p.cluster} is up; deploying revision {p.revision}")
         elif obs.liveness is Liveness.DEAD:
             # Its start was interrupted (e.g. raygate was killed): start a fresh one.
@@ -656,13 +672,13 @@ def _advance(
         return
     if p.step is Step.DEPLOY:
         b.set(pending=replace(p, step=Step.HEALTH, ok_streak=0))
-        b.act(DeployServe(p.cluster, p.revision))
+        b.act(DeployServe(p.cluster, p.revision, _pending_capacity(b.state, p, revisions)))
         return
     # Step.HEALTH: only a cluster that is UP can pass a gate.
     if obs.liveness is not Liveness.UP:
         b.set(pending=replace(p, ok_streak=0, message=f"cluster is {obs.liveness.value}"))
     elif obs.health is Health.NOT_DEPLOYED:
-        b.act(DeployServe(p.cluster, p.revision))
+        b.act(DeployServe(p.cluster, p.revision, _pending_capacity(b.state, p, revisions)))
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
     elif obs.health is Health.FAILED:
         _abort(b, p, obs.message, revisions, now)
@@ -694,13 +710,18 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
     old = b.state.active
     retiring = b.state.retiring
     revision = revisions[p.revision]
-    bake = revision.spec.upgrade.bake_s
+    # A rollback does not bake: its fallback would be the revision it rolled back.
+    bake = revision.spec.upgrade.bake_s if revision.rollback_of is None else 0.0
     analysis = None
+    capacity = p.canary.capacity if p.canary is not None else None
+    if capacity is not None and capacity < 100:  # the stable cluster vanished mid-canary
+        b.act(DeployServe(p.cluster, p.revision))
     if p.kind is Kind.NEW_CLUSTER and old is not None:
         drain = _drain_s(revision, revisions.get(old.revision))
         delay = revision.spec.upgrade.deletion_delay_s
         until = now + bake if bake > 0 else None
-        retiring = (*retiring, Retiring(old.cluster, now, drain, delay, old.revision, until))
+        left = b.state.active_capacity
+        retiring = (*retiring, Retiring(old.cluster, now, drain, delay, old.revision, until, left))
         if until is not None:
             analysis = Analysis(p.cluster, None, now)
             b.event(f"baking revision {p.revision} for {bake:g}s: {old.cluster} stays ready "
@@ -709,8 +730,9 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
         b.finished.append(RolloutRecord(old.revision, Result.ROLLED_BACK,
                                         f"rolled back by revision {p.revision} (the spec of "
                                         f"revision {revision.rollback_of})"))  # fmt: skip
+    keep = b.state.active_capacity if p.kind is Kind.IN_PLACE else None
     b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring,
-          restore=None, analysis=analysis)  # fmt: skip
+          restore=None, analysis=analysis, active_capacity=keep)  # fmt: skip
     b.end_rollout(p.revision, Result.SUCCEEDED, f"revision {p.revision} is live on {p.cluster}")
     if p.kind is Kind.NEW_CLUSTER:
         b.event(f"switched traffic to {p.cluster} (revision {p.revision})")
@@ -724,10 +746,7 @@ def _abort(
     """Every request back to the stable cluster at once (this decision's table), the
     pending cluster drained (if it carried traffic) and deleted."""
     if p.kind is Kind.NEW_CLUSTER:
-        _drop_pending_cluster(b, p, revisions, now, "rollout aborted")
-        active = b.state.active
-        if p.canary is not None and p.canary.capacity is not None and active is not None:
-            b.act(DeployServe(active.cluster, active.revision))  # full capacity again
+        _drop_pending_cluster(b, p, revisions, now, "rollout aborted")  # (capacity: the rule)
     elif b.state.active is not None:
         # Roll the active cluster back to the config that passed.
         b.act(DeployServe(b.state.active.cluster, b.state.active.revision))
@@ -744,7 +763,7 @@ def _keep_active_deployed(b: _Builder, observed: Observation) -> None:
     if any(isinstance(x, DeployServe) and x.cluster == a.cluster for x in b.actions):
         return
     if observed.of(a.cluster).health is Health.NOT_DEPLOYED:
-        b.act(DeployServe(a.cluster, a.revision))
+        b.act(DeployServe(a.cluster, a.revision, b.state.active_capacity))
 
 
 def _drop_pending_cluster(
@@ -765,7 +784,7 @@ def _begin_canary(
     b: _Builder, p: Pending, revisions: Mapping[int, Revision], observed: Observation, now: float
 ) -> None:
     stable = b.state.active.cluster if b.state.active is not None else None
-    canary = Canary(step_since=now)
+    canary = Canary(step_since=now, capacity=_pending_capacity(b.state, p, revisions))
     b.set(pending=replace(p, step=Step.CANARY, ok_streak=0, canary=canary, message=""),
           analysis=Analysis(p.cluster, stable, now))  # fmt: skip
     steps = len(_steps(revisions[p.revision]))
@@ -791,6 +810,9 @@ def _canary(
     if obs.health is Health.FAILED:
         _abort(b, p, obs.message, revisions, now)
         return
+    if obs.health is Health.NOT_DEPLOYED:  # lost its config (or a deploy failed): again
+        capacity = p.canary.capacity if p.canary is not None else None
+        b.act(DeployServe(p.cluster, p.revision, capacity))
     if b.state.active is None:  # the stable cluster is gone: nothing else can serve
         b.event(f"stable cluster is gone: canary {p.cluster} takes all traffic")
         _promote(b, p, revisions, now)
@@ -864,11 +886,8 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
             b.event(f"canary {p.cluster}: step {c.index + 1}/{len(steps)}, weight "
                     f"{c.weight}% -> {step.weight}%")  # fmt: skip
             c = replace(c, index=c.index + 1, weight=step.weight, step_since=now)
-            if a is not None:
-                a = replace(a, passes=0)
-            if scale and b.state.active is not None:
-                b.act(DeployServe(b.state.active.cluster, b.state.active.revision,
-                                  max(1, 100 - step.weight)))  # fmt: skip
+            if a is not None:  # the next window lies wholly at the new weight
+                a = replace(a, passes=0, last_at=now, failures=0, inconclusive=0)
             message = f"weight {step.weight}%"
             continue
         duration = step.pause.duration_s if step.pause is not None else None
@@ -885,7 +904,12 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
         b.steps_took.append(("canary_pause", now - c.step_since))
         b.event(f"canary {p.cluster}: pause of {duration:g}s at weight {c.weight}% passed")
         c = replace(c, index=c.index + 1, step_since=now)
-        a = replace(a, passes=0)
+    if c.index >= len(steps) and not c.promoted and (a is None or a.passes < 1):
+        # No data is never success: 100% only after an interval at this weight passed.
+        message = (f"every step done; waiting for an analysis interval at weight {c.weight}% "
+                   "with enough traffic to pass")  # fmt: skip
+        b.set(pending=replace(p, canary=c, message=message), analysis=a)
+        return
     b.set(pending=replace(p, canary=c, message=message), analysis=a)
     if c.index >= len(steps) and c.hold is Hold.NONE:
         if scale and c.weight < 100 and not _scaled(b, 100, observed):
@@ -937,9 +961,9 @@ def _bake(
         return
     if a.failures < spec.failure_limit:
         return
-    if observed.of(baked.cluster).liveness is not Liveness.UP:
-        b.event(f"analysis failed, but baked cluster {baked.cluster} is not up to take "
-                "traffic back")  # fmt: skip
+    if not _ready(observed.of(baked.cluster)):
+        b.event(f"analysis failed, but baked cluster {baked.cluster} is not healthy enough to "
+                "take traffic back")  # fmt: skip
         return
     message = (
         f"analysis failed {a.failures} intervals in a row while baking: {verdict.message}; "
@@ -967,11 +991,11 @@ def _swap_back(
     drain = _drain_s(revisions.get(active.revision), target)
     gone = Retiring(active.cluster, now, drain, 0.0, active.revision)
     others = tuple(r for r in b.state.retiring if r.cluster != baked.cluster)
+    gone = replace(gone, capacity=b.state.active_capacity)
     b.set(active=Active(baked.cluster, as_revision, target.cluster_hash),
-          retiring=(*others, gone), analysis=None)  # fmt: skip
-    canary = target.spec.upgrade.canary
-    if canary is not None and canary.scale_with_traffic:
-        b.act(DeployServe(baked.cluster, as_revision))  # its full capacity, its revision
+          retiring=(*others, gone), analysis=None, active_capacity=None)  # fmt: skip
+    if baked.capacity is not None:  # a canary scaled it down: its full capacity again
+        b.act(DeployServe(baked.cluster, as_revision))
 
 
 def _back_to_baking(
@@ -991,7 +1015,7 @@ def _back_to_baking(
             continue
         if not revisions[r.revision].same_as(target):
             continue
-        if observed.of(r.cluster).liveness is not Liveness.UP:
+        if not _ready(observed.of(r.cluster)):
             return False
         replaced = s.active.revision
         _swap_back(b, r, target.number, target, revisions, now)
@@ -1051,18 +1075,20 @@ def _apply_commands(b: _Builder, revisions: Mapping[int, Revision], now: float) 
             b.event(f"canary paused at step {c.index + 1}/{len(steps)}, weight {c.weight}%")
         elif command.kind == "resume":
             c = replace(c, hold=Hold.NONE)
-            if b.state.analysis is not None:
-                b.set(analysis=replace(b.state.analysis, inconclusive=0))
             b.event("canary resumed")
         elif command.full:
-            c = replace(c, hold=Hold.NONE, index=len(steps), step_since=now)
+            c = replace(c, hold=Hold.NONE, index=len(steps), step_since=now, promoted=True)
             b.event("promoted in full: every remaining step skipped")
         else:
             index = c.index
             if index < len(steps) and steps[index].pause is not None:
                 index += 1  # the pause under way ends
-            c = replace(c, hold=Hold.NONE, index=index, step_since=now)
+            c = replace(c, hold=Hold.NONE, index=index, step_since=now,
+                        promoted=index >= len(steps))  # fmt: skip
             b.event(f"promoted: on to step {min(index + 1, len(steps))}/{len(steps)}")
+        if command.kind in ("resume", "promote") and b.state.analysis is not None:
+            # A fresh run of intervals: the no-data count, and windows from now on.
+            b.set(analysis=replace(b.state.analysis, inconclusive=0, last_at=now))
         b.set(pending=replace(p, canary=c))
 
 
@@ -1076,3 +1102,64 @@ def _end_bake(b: _Builder, revision: int, now: float) -> None:
                          for r in b.state.retiring), analysis=None)  # fmt: skip
     b.event(f"revision {revision} ends the bake window early: retiring "
             f"{', '.join(r.cluster for r in baking)}")  # fmt: skip
+
+
+# ---- capacity (scale_with_traffic) and the baked cluster -----------------------------------
+def _pending_capacity(state: ServiceState, p: Pending, revisions: Mapping[int, Revision]
+                      ) -> int | None:  # fmt: skip
+    """The Serve target_capacity the pending cluster is deployed with: a scaling canary's
+    own (from its first weight, health gates included: it never runs at full capacity beside
+    a stable cluster at full capacity), else full (None)."""
+    if p.canary is not None:
+        return p.canary.capacity
+    revision = revisions.get(p.revision)
+    canary = revision.spec.upgrade.canary if revision is not None else None
+    if canary is None or revision is None or not canary.scale_with_traffic:
+        return None
+    if not revision.canary or state.active is None or p.kind is not Kind.NEW_CLUSTER:
+        return None
+    return next((s.weight for s in canary.steps if s.weight is not None), None)
+
+
+def _keep_capacity(b: _Builder, revisions: Mapping[int, Revision]) -> None:
+    """Level-triggered: the active cluster runs at 100 - the canary's weight while a scaling
+    canary holds traffic, else at full capacity. Whatever ends a canary (abort, supersede,
+    delete, promote) gives the stable cluster its replicas back here."""
+    s = b.state
+    a, p = s.active, s.pending
+    if a is None or (p is not None and p.kind is Kind.IN_PLACE):
+        return
+    want = None
+    if p is not None and p.canary is not None and p.canary.weight > 0:
+        canary = revisions[p.revision].spec.upgrade.canary if p.revision in revisions else None
+        if canary is not None and canary.scale_with_traffic:
+            want = max(1, 100 - p.canary.weight) if p.canary.weight < 100 else 1
+    if want == s.active_capacity:
+        return
+    if not any(isinstance(x, DeployServe) and x.cluster == a.cluster for x in b.actions):
+        b.act(DeployServe(a.cluster, a.revision, want))
+    b.set(active_capacity=want)
+
+
+def _ready(obs: ClusterObservation) -> bool:
+    """A cluster that can take all traffic back this instant: up, and its apps healthy."""
+    return obs.liveness is Liveness.UP and obs.health is Health.OK
+
+
+def _to_baked(
+    b: _Builder, revisions: Mapping[int, Revision], observed: Observation, now: float, why: str
+) -> bool:
+    """The active cluster is gone or silent during a bake window: the baked cluster, warm and
+    healthy, takes all traffic back at once (the active's revision rolled out again later)."""
+    s = b.state
+    if s.active is None:
+        return False
+    for r in s.retiring:
+        if r.baking(now) and r.revision in revisions and r.revision is not None:
+            if _ready(observed.of(r.cluster)):
+                old = revisions[r.revision]
+                _swap_back(b, r, old.number, old, revisions, now)
+                b.event(f"{why}: traffic back on baked cluster {r.cluster} "
+                        f"(revision {r.revision}) at once")  # fmt: skip
+                return True
+    return False

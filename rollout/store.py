@@ -137,6 +137,7 @@ def _from_json(text: str) -> ServiceState:
         or (lr["revision"] if lr and lr["result"] == Result.ABORTED.value else 0),
         analysis=_analysis(raw.get("analysis")),
         commands=tuple(Command(**c) for c in raw.get("commands", ())),
+        active_capacity=raw.get("active_capacity"),
     )
 
 
@@ -317,11 +318,12 @@ class Store:
                 "SELECT number, spec FROM revisions WHERE service=? AND result=?",
                 (name, Result.SUCCEEDED.value),
             ).fetchall())  # fmt: skip
-            live_spec = db.execute(
-                "SELECT spec FROM revisions WHERE service=? AND number=?", (name, live)
-            ).fetchone()[0]
+            # By spec, not text: a spec stored by an older raygate lacks the newer fields.
+            digest = {n: ServiceSpec.model_validate(json.loads(t)).spec_hash()
+                      for n, t in good.items()}  # fmt: skip
+            live_spec = self.revision(name, live).spec.spec_hash()
             if to is None:
-                older = [n for n, spec in good.items() if n < live and spec != live_spec]
+                older = [n for n in good if n < live and digest[n] != live_spec]
                 if not older:
                     return None, f"no good revision before the live one ({live})"
                 to = max(older)
@@ -332,7 +334,7 @@ class Store:
                 if exists is None:
                     return None, f"{name} has no revision {to}"
                 return None, f"revision {to} is not a good revision (its rollout: {exists[0]})"
-            elif good[to] == live_spec:
+            elif digest[to] == live_spec:
                 return None, f"revision {to} is what runs now (revision {live})"
             top = db.execute(
                 "SELECT MAX(number) FROM revisions WHERE service=?", (name,)

@@ -145,9 +145,13 @@ def into_canary(w: World, spec: ServiceSpec) -> tuple[str, str]:
     w.tick({old: up(), new: ClusterObservation(Liveness.UP)})
     w.tick({old: up(), new: up()})
     w.tick({old: up(), new: up()})
-    canary = w.state.pending is not None and w.state.pending.step is Step.CANARY
-    assert canary or (w.state.active is not None and w.state.active.cluster == new)
+    assert w.state.pending is not None and w.state.pending.step is Step.CANARY
     return old, new
+
+
+def judged_good(w: World, old: str, new: str) -> None:
+    """One analysis interval passes (here: the canary at its last step goes to 100%)."""
+    w.tick({old: up(win(900)), new: up(win(100))}, dt=10)
 
 
 def test_a_good_canary_walks_its_steps_on_real_traffic() -> None:
@@ -311,6 +315,7 @@ def test_promote_full_skips_the_steps_but_not_the_bake() -> None:
 def test_a_failed_analysis_in_the_bake_window_rolls_back_at_once() -> None:
     w = World()
     old, new = into_canary(w, canary_spec(bake=300, steps=[{"weight": 100}]))
+    judged_good(w, old, new)
     assert w.state.active is not None and w.state.active.cluster == new
     assert w.state.traffic() == {new: 100, old: 0}
     bad = {old: up(), new: up(win(300, errors=30))}
@@ -331,6 +336,7 @@ def test_a_failed_analysis_in_the_bake_window_rolls_back_at_once() -> None:
 def test_a_rollback_in_the_bake_window_is_one_weight_change() -> None:
     w = World()
     old, new = into_canary(w, canary_spec(bake=300, steps=[{"weight": 100}]))
+    judged_good(w, old, new)
     w.push(canary_spec(cpus=2, label="a", strategy="bluegreen"), rollback_of=1)
     d = w.tick({old: up(), new: up()})
     assert w.state.active is not None and (w.state.active.cluster, w.state.active.revision) == (
@@ -344,6 +350,7 @@ def test_a_rollback_in_the_bake_window_is_one_weight_change() -> None:
 def test_a_rollback_after_the_bake_is_a_rollout_without_canary_steps() -> None:
     w = World()
     old, new = into_canary(w, canary_spec(steps=[{"weight": 100}]))
+    judged_good(w, old, new)
     w.tick({new: up(), old: up()})
     assert old not in w.state.clusters()
     # Back to the canary spec's own revision would be a canary; a rollback never is.
@@ -377,20 +384,23 @@ def test_scale_with_traffic_raises_capacity_before_the_weight_moves() -> None:
     w.tick({old: up()})
     assert w.state.pending is not None
     new = w.state.pending.cluster
-    w.tick({old: up(), new: ClusterObservation(Liveness.UP)})
+    # Deployed at its first step's capacity from the start, health gates included.
+    d = w.tick({old: up(), new: ClusterObservation(Liveness.UP)})
+    assert d.actions == (DeployServe(new, 2, 20),)
     w.tick({old: up(), new: up()})
-    d = w.tick({old: up(), new: up()})
-    assert DeployServe(new, 2, 20) in d.actions and w.weight == 0
+    w.tick({old: up(), new: up()})
+    assert w.state.pending.step is Step.CANARY and w.weight == 0
     w.tick({old: up(), new: ClusterObservation(Liveness.UP, Health.PENDING)})
     assert w.weight == 0, "replicas not up yet"
     w.tick({old: up(), new: up()})
     d = w.tick({old: up(), new: up()})
     assert w.weight == 20 and DeployServe(old, 1, 80) in d.actions
-    assert DeployServe(new, 2, 60) in d.actions
+    assert DeployServe(new, 2, 60) in d.actions, "the next step's replicas first"
     w.tick({old: up(), new: up()})
     d = w.tick({old: up(), new: up()})
     assert w.weight == 60 and DeployServe(old, 1, 40) in d.actions
-    assert DeployServe(new, 2, 100) in d.actions
+    d = w.tick({old: up(win(900)), new: up(win(100))}, dt=10)  # passed: 100% next
+    assert DeployServe(new, 2, 100) in d.actions and w.state.pending is not None
     w.tick({old: up(), new: up()})
     w.tick({old: up(), new: up()})
     assert w.state.active is not None and w.state.active.cluster == new
