@@ -540,6 +540,8 @@ def _supersede(
     if p.kind is Kind.NEW_CLUSTER:
         _drop_pending_cluster(b, p, revisions, now, f"superseded by revision {desired.number}")
         b.set(analysis=None)
+        if p.canary is not None and p.canary.capacity is not None and active is not None:
+            b.act(DeployServe(active.cluster, active.revision))  # full capacity again
     elif active is not None:
         # An in-place update was under way on the active cluster: put its config back.
         b.act(DeployServe(active.cluster, active.revision))
@@ -634,7 +636,7 @@ def _advance(
     if p.step is Step.CREATE_CLUSTER:
         if obs.liveness is Liveness.UP:
             b.set(pending=replace(p, step=Step.HEALTH))
-            b.act(DeployServe(p.cluster, p.revision))
+            b.act(DeployServe(p.cluster, p.revision, _gate_capacity(b, p, revisions)))
             b.event(f"cluster {p.cluster} is up; deploying revision {p.revision}")
         elif obs.liveness is Liveness.DEAD:
             # Its start was interrupted (e.g. raygate was killed): start a fresh one.
@@ -653,13 +655,13 @@ def _advance(
         return
     if p.step is Step.DEPLOY:
         b.set(pending=replace(p, step=Step.HEALTH, ok_streak=0))
-        b.act(DeployServe(p.cluster, p.revision))
+        b.act(DeployServe(p.cluster, p.revision, _gate_capacity(b, p, revisions)))
         return
     # Step.HEALTH: only a cluster that is UP can pass a gate.
     if obs.liveness is not Liveness.UP:
         b.set(pending=replace(p, ok_streak=0, message=f"cluster is {obs.liveness.value}"))
     elif obs.health is Health.NOT_DEPLOYED:
-        b.act(DeployServe(p.cluster, p.revision))
+        b.act(DeployServe(p.cluster, p.revision, _gate_capacity(b, p, revisions)))
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
     elif obs.health is Health.FAILED:
         _abort(b, p, obs.message, revisions, now)
@@ -709,6 +711,11 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
     b.set(active=Active(p.cluster, p.revision, p.cluster_hash), pending=None, retiring=retiring,
           restore=None, analysis=analysis)  # fmt: skip
     b.end_rollout(p.revision, Result.SUCCEEDED, f"revision {p.revision} is live on {p.cluster}")
+    canary = revision.spec.upgrade.canary
+    if (p.kind is Kind.NEW_CLUSTER and canary is not None and canary.scale_with_traffic
+            and (p.canary is None or p.canary.capacity not in (None, 100))):  # fmt: skip
+        # Live below full capacity (its stable cluster went away mid-canary): all of it now.
+        b.act(DeployServe(p.cluster, p.revision))
     if p.kind is Kind.NEW_CLUSTER:
         b.event(f"switched traffic to {p.cluster} (revision {p.revision})")
     else:
@@ -762,13 +769,25 @@ def _begin_canary(
     b: _Builder, p: Pending, revisions: Mapping[int, Revision], observed: Observation, now: float
 ) -> None:
     stable = b.state.active.cluster if b.state.active is not None else None
-    canary = Canary(step_since=now)
+    canary = Canary(step_since=now, capacity=_gate_capacity(b, p, revisions))
     b.set(pending=replace(p, step=Step.CANARY, ok_streak=0, canary=canary, message=""),
           analysis=Analysis(p.cluster, stable, now))  # fmt: skip
     steps = len(_steps(revisions[p.revision]))
     b.event(f"revision {p.revision} passed its health gates on {p.cluster}: "
             f"canary of {steps} steps begins")  # fmt: skip
     _walk(b, revisions, observed, now)
+
+
+def _gate_capacity(b: _Builder, p: Pending, revisions: Mapping[int, Revision]) -> int | None:
+    """scale_with_traffic: a canary cluster passes its health gates at the capacity of its
+    first weight step, not at full capacity (with a stable cluster at full capacity beside
+    it, that would be blue-green's peak of two whole revisions). None: full capacity."""
+    revision = revisions[p.revision]
+    canary = revision.spec.upgrade.canary
+    if (canary is None or not canary.scale_with_traffic or not revision.canary
+            or p.kind is not Kind.NEW_CLUSTER or b.state.active is None):  # fmt: skip
+        return None
+    return next((s.weight for s in canary.steps if s.weight is not None), 100)
 
 
 def _steps(revision: Revision) -> tuple[CanaryStep, ...]:
