@@ -713,8 +713,12 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
     # A rollback does not bake: its fallback would be the revision it rolled back.
     bake = revision.spec.upgrade.bake_s if revision.rollback_of is None else 0.0
     analysis = None
+    scaled = (
+        revision.spec.upgrade.canary is not None and revision.spec.upgrade.canary.scale_with_traffic
+    )
     capacity = p.canary.capacity if p.canary is not None else None
-    if capacity is not None and capacity < 100:  # the stable cluster vanished mid-canary
+    if p.kind is Kind.NEW_CLUSTER and scaled and revision.canary and capacity != 100:
+        # Live below full capacity (its stable cluster went away): all of it now.
         b.act(DeployServe(p.cluster, p.revision))
     if p.kind is Kind.NEW_CLUSTER and old is not None:
         drain = _drain_s(revision, revisions.get(old.revision))

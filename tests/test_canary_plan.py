@@ -528,3 +528,30 @@ def test_a_push_that_changes_only_upgrade_is_no_canary() -> None:
     d = w.tick({old: up()})
     assert w.state.pending is not None and w.state.pending.kind is Kind.IN_PLACE
     assert not any(isinstance(a, CreateCluster) for a in d.actions)
+
+
+def test_scale_with_traffic_gives_full_capacity_back_when_the_canary_ends_early() -> None:
+    # The stable cluster goes away while the canary is gated at 20%: it goes live at 100%.
+    w = World()
+    old = live(w, canary_spec(cpus=2, label="a", strategy="bluegreen"))
+    w.push(canary_spec(scale=True, steps=[{"weight": 20}, {"weight": 60}]))
+    w.tick({old: up()})
+    assert w.state.pending is not None
+    new = w.state.pending.cluster
+    d = w.tick({old: up(), new: ClusterObservation(Liveness.UP)})
+    assert DeployServe(new, 2, 20) in d.actions
+    w.tick({new: up()})
+    d = w.tick({new: up()})
+    assert w.state.active is not None and w.state.active.cluster == new
+    assert DeployServe(new, 2) in d.actions, "live at 20% capacity"
+    # A push mid-canary wins: the stable cluster, scaled down for the canary, gets it all back.
+    w = World()
+    old, new = into_canary(w, canary_spec(scale=True, steps=[{"weight": 20}, {"pause": {}}]))
+    for _ in range(3):
+        w.tick({old: up(), new: up()})
+    assert w.weight == 20
+    w.push(canary_spec(cpus=8))
+    d = w.tick({old: up(), new: up()})
+    assert w.state.traffic()[old] == 100 and DeployServe(old, 1) in d.actions
+
+
