@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="push a spec (YAML or JSON file)")
     push.add_argument("spec", type=Path)
-    push.add_argument("--wait", action="store_true", help="wait until live (0) or aborted (1)")
+    push.add_argument("--wait", action="store_true", help="wait until live (0), aborted (1), "
+                      "or a canary held for a person (3: promote or abort it)")  # fmt: skip
     push.add_argument("--timeout", type=float, default=900.0)
     client(push)
     push.set_defaults(func=_push)
@@ -353,6 +354,17 @@ def _wait(client: httpx.Client, name: str, revision: int, timeout: float) -> int
                 file=sys.stderr,
             )
             return 1
+        p = s.get("pending") or {}
+        if p.get("revision") == revision and p.get("paused"):
+            # A canary held for a person (`pause: {}`, `raygate pause`, no data): it will
+            # not go live by waiting. Exit 3 tells a script "waiting for you", not "failed".
+            print(
+                f"{name}: revision {revision} waits at weight {p.get('weight')}%: "
+                f"{p.get('message') or 'paused'}; `raygate promote {name}` goes on, "
+                f"`raygate abort {name}` stops it",
+                file=sys.stderr,
+            )
+            return 3
         time.sleep(1.0)
     print(f"raygate: gave up waiting after {timeout:g}s", file=sys.stderr)
     return 1

@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -302,7 +302,9 @@ class Controller:
     def _windows(
         self, state: ServiceState, revisions: Mapping[int, Revision]
     ) -> dict[str, WindowStats]:
-        """Each cluster's counts over the analysis interval of the rollout being judged."""
+        """Each cluster's counts over the analysis interval of the rollout being judged.
+        Sampled last in `observe`, just before the plan reads its clock: a window that starts
+        at a weight change holds (almost) nothing from before it."""
         now = self.clock()
         self.sampler.record(state.name, now, self.metrics.cluster_totals(state.name))
         if state.analysis is None:
@@ -322,7 +324,6 @@ class Controller:
 
     async def observe(self, state: ServiceState, revisions: Mapping[int, Revision]) -> Observation:
         in_flight = await self.dataplane.in_flight()
-        windows = self._windows(state, revisions)
         out: dict[str, ClusterObservation] = {}
         for cid in state.clusters():
             record = self.store.cluster(cid)
@@ -364,9 +365,9 @@ class Controller:
                 in_flight.get(cid, 0),
                 (self._errors.get((cid, expected)) if expected is not None else None) or seen.error,
                 proxy_ok,
-                windows.get(cid),
             )
-        return Observation(out)
+        windows = self._windows(state, revisions)
+        return Observation({c: replace(o, window=windows.get(c)) for c, o in out.items()})
 
     def _new_cluster_id(self, name: str) -> str:
         return f"{name}-{secrets.token_hex(3)}"

@@ -122,6 +122,7 @@ class Canary:
     hold: Hold = Hold.NONE
     capacity: int | None = None  # scale_with_traffic: Serve target_capacity on the canary
     promoted: bool = False  # `raygate promote` took it past its last step: no pass needed
+    unhealthy_since: float | None = None  # its health gate has not held since then
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Analysis:
     inconclusive: int = 0  # intervals in a row without enough traffic
     passes: int = 0  # passed intervals since the canary's current step began
     verdict: Verdict | None = None  # the last one
+    unhealthy_since: float | None = None  # bake: the judged cluster stopped passing its gate
 
 
 @dataclass(frozen=True)
@@ -817,6 +819,20 @@ def _canary(
     if obs.health is Health.NOT_DEPLOYED:  # lost its config (or a deploy failed): again
         capacity = p.canary.capacity if p.canary is not None else None
         b.act(DeployServe(p.cluster, p.revision, capacity))
+    c = p.canary or Canary(step_since=now)
+    timeout = revisions[p.revision].spec.upgrade.health.timeout_s
+    sick = obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)
+    if sick:
+        since = c.unhealthy_since if c.unhealthy_since is not None else now
+        if now - since > timeout:
+            _abort(b, p, f"canary not healthy for {timeout:g}s: {obs.message}", revisions, now)
+            return
+        if since != c.unhealthy_since:
+            p = replace(p, canary=replace(c, unhealthy_since=since))
+            b.set(pending=p)
+    elif c.unhealthy_since is not None:
+        p = replace(p, canary=replace(c, unhealthy_since=None))
+        b.set(pending=p)
     if b.state.active is None:  # the stable cluster is gone: nothing else can serve
         b.event(f"stable cluster is gone: canary {p.cluster} takes all traffic")
         _promote(b, p, revisions, now)
@@ -880,13 +896,20 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
     while c.index < len(steps) and c.hold is Hold.NONE:
         step = steps[c.index]
         if step.weight is not None:
-            if scale and c.weight < step.weight:  # replicas first, then the traffic
+            # scale_with_traffic: replicas first, then the traffic (either way).
+            if scale and step.weight != c.weight:
                 b.set(pending=replace(p, canary=c, message=message), analysis=a)
-                if not _scaled(b, step.weight, observed):
+                up_ = step.weight > c.weight
+                if not (_scaled(b, step.weight, observed) if up_
+                        else _stable_scaled(b, 100 - step.weight, observed)):  # fmt: skip
                     return
                 p = b.state.pending
                 assert p is not None and p.canary is not None
                 c = p.canary
+                if up_ and b.state.active is not None:  # the stable cluster gives some back
+                    b.act(DeployServe(b.state.active.cluster, b.state.active.revision,
+                                      max(1, 100 - step.weight)))  # fmt: skip
+                    b.set(active_capacity=max(1, 100 - step.weight))
             b.event(f"canary {p.cluster}: step {c.index + 1}/{len(steps)}, weight "
                     f"{c.weight}% -> {step.weight}%")  # fmt: skip
             c = replace(c, index=c.index + 1, weight=step.weight, step_since=now)
@@ -914,6 +937,13 @@ def _walk(b: _Builder, revisions: Mapping[int, Revision], observed: Observation,
                    "with enough traffic to pass")  # fmt: skip
         b.set(pending=replace(p, canary=c, message=message), analysis=a)
         return
+    obs = observed.of(p.cluster)
+    if c.index >= len(steps) and c.hold is Hold.NONE and not _ready(obs):
+        # All traffic only to a cluster that passes its gate now, promoted or not.
+        why = obs.message or f"cluster is {obs.liveness.value}"
+        b.set(pending=replace(p, canary=c, message=f"every step done; waiting for its health "
+                              f"gate before 100%: {why}"), analysis=a)  # fmt: skip
+        return
     b.set(pending=replace(p, canary=c, message=message), analysis=a)
     if c.index >= len(steps) and c.hold is Hold.NONE:
         if scale and c.weight < 100 and not _scaled(b, 100, observed):
@@ -935,10 +965,36 @@ def _scaled(b: _Builder, capacity: int, observed: Observation) -> bool:
         why = f"scaling to {capacity}% capacity before the weight moves"
         b.set(pending=replace(p, canary=replace(c, capacity=capacity), ok_streak=0, message=why))
         return False
-    if observed.of(p.cluster).health is not Health.OK:
-        b.set(pending=replace(p, ok_streak=0))
+    obs = observed.of(p.cluster)
+    if obs.health is not Health.OK:
+        why = f"scaling to {capacity}% capacity before the weight moves: {obs.message}"
+        b.set(pending=replace(p, ok_streak=0, message=why))
         return False
     if p.ok_streak + 1 < 2:  # one OK may predate the new target: two in a row
+        b.set(pending=replace(p, ok_streak=p.ok_streak + 1))
+        return False
+    b.set(pending=replace(p, ok_streak=0))
+    return True
+
+
+def _stable_scaled(b: _Builder, capacity: int, observed: Observation) -> bool:
+    """scale_with_traffic, a step down: the stable cluster's capacity is raised to
+    `capacity` and its replicas are up (health OK, twice) before it takes that share back."""
+    p, a = b.state.pending, b.state.active
+    assert p is not None
+    if a is None:
+        return True
+    have = b.state.active_capacity
+    if have is not None and have < capacity:
+        b.act(DeployServe(a.cluster, a.revision, capacity))
+        why = f"scaling stable {a.cluster} to {capacity}% capacity before the weight moves"
+        b.set(pending=replace(p, ok_streak=0, message=why), active_capacity=capacity)
+        return False
+    obs = observed.of(a.cluster)
+    if obs.health is not Health.OK:
+        b.set(pending=replace(p, ok_streak=0, message=f"scaling stable: {obs.message}"))
+        return False
+    if have is not None and p.ok_streak + 1 < 2:
         b.set(pending=replace(p, ok_streak=p.ok_streak + 1))
         return False
     b.set(pending=replace(p, ok_streak=0))
@@ -961,18 +1017,33 @@ def _bake(
     spec = revisions[active.revision].spec.upgrade.analysis
     verdict = _analyse(b, spec, observed, now)
     a = b.state.analysis
-    if verdict is None or verdict.result is not Outcome.FAIL or a is None:
+    if a is None:
         return
-    if a.failures < spec.failure_limit:
+    # A new cluster that stops passing its gate may get no answers to judge at all (HAProxy
+    # marks its proxy down: requests end in the gateway's own 503): judged as long as
+    # `failure_limit` failed intervals would take.
+    obs = observed.of(active.cluster)
+    sick = (obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)) or (
+        obs.liveness is Liveness.UNREACHABLE and obs.proxy_ok is False)  # fmt: skip
+    since = (a.unhealthy_since if a.unhealthy_since is not None else now) if sick else None
+    if since != a.unhealthy_since:
+        a = replace(a, unhealthy_since=since)
+        b.set(analysis=a)
+    limit_s = spec.failure_limit * spec.interval_s
+    if since is not None and now - since >= limit_s:
+        why = f"not healthy for {now - since:.0f}s ({obs.message or obs.liveness.value})"
+    elif (
+        verdict is not None and verdict.result is Outcome.FAIL and a.failures >= spec.failure_limit
+    ):
+        why = f"analysis failed {a.failures} intervals in a row: {verdict.message}"
+    else:
         return
     if not _ready(observed.of(baked.cluster)):
-        b.event(f"analysis failed, but baked cluster {baked.cluster} is not healthy enough to "
-                "take traffic back")  # fmt: skip
+        if verdict is not None:  # once an interval, not every tick
+            b.event(f"{why}, but baked cluster {baked.cluster} is not healthy enough to "
+                    "take traffic back")  # fmt: skip
         return
-    message = (
-        f"analysis failed {a.failures} intervals in a row while baking: {verdict.message}; "
-        f"traffic back on {baked.cluster} (revision {baked.revision})"
-    )
+    message = f"{why} while baking; traffic back on {baked.cluster} (revision {baked.revision})"
     old = revisions[baked.revision]
     _swap_back(b, baked, old.number, old, revisions, now)
     b.finished.append(RolloutRecord(active.revision, Result.ROLLED_BACK, message))
@@ -1042,17 +1113,25 @@ def refusal(state: ServiceState, command: Command) -> str | None:
     p = state.pending
     if state.deleting:
         return "the service is being deleted"
-    if command.kind == "abort":
-        return None if p is not None else "no rollout in progress"
+    baking = any(r.bake_until is not None for r in state.retiring)
     if p is None:
+        if baking:
+            return ("no rollout in progress: the live revision is baking; `raygate rollback` "
+                    "puts traffic back on the baked cluster")  # fmt: skip
         return "no rollout in progress"
+    if command.kind == "abort":
+        return None
     if p.step is not Step.CANARY or p.canary is None:
+        if p.kind is Kind.IN_PLACE:
+            return f"revision {p.revision} is an in-place update: it has no canary steps"
         return (f"revision {p.revision} is in its {p.step.value} step; canary commands apply "
-                "once its canary steps run")  # fmt: skip
+                "once its canary steps run (a blue-green rollout has none: `raygate abort` "
+                "stops it)")  # fmt: skip
     if command.kind == "pause" and p.canary.hold is Hold.USER:
-        return "the canary is paused already"
+        return "the canary is paused already (`raygate resume` goes on)"
     if command.kind == "resume" and p.canary.hold is Hold.NONE:
-        return "the canary is not paused by `raygate pause` or for lack of data"
+        return ("the canary is not paused by `raygate pause` or for lack of data; a "
+                "`pause: {}` step waits for `raygate promote`")  # fmt: skip
     return None
 
 
@@ -1133,11 +1212,13 @@ def _keep_capacity(b: _Builder, revisions: Mapping[int, Revision]) -> None:
     a, p = s.active, s.pending
     if a is None or (p is not None and p.kind is Kind.IN_PLACE):
         return
-    want = None
+    want = None  # full
     if p is not None and p.canary is not None and p.canary.weight > 0:
         canary = revisions[p.revision].spec.upgrade.canary if p.revision in revisions else None
         if canary is not None and canary.scale_with_traffic:
-            want = max(1, 100 - p.canary.weight) if p.canary.weight < 100 else 1
+            # Lowered by the walk once the weight moved; here only ever raised.
+            want = max(s.active_capacity or 100, max(1, 100 - p.canary.weight))
+            want = None if want >= 100 else want
     if want == s.active_capacity:
         return
     if not any(isinstance(x, DeployServe) and x.cluster == a.cluster for x in b.actions):

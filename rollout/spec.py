@@ -272,6 +272,11 @@ def _check_upgrade(upgrade: UpgradeSpec, problems: list[tuple[str, str]]) -> Non
         problems.append(("upgrade.canary", "required with strategy canary: the steps to walk"))
     if upgrade.strategy != "canary" and upgrade.canary is not None:
         problems.append(("upgrade.strategy", "set it to canary to use upgrade.canary"))
+    judged = upgrade.analysis
+    need = judged.failure_limit * judged.interval_s
+    if 0 < upgrade.bake_s < need:
+        problems.append(("upgrade.bake_s", f"shorter than failure_limit x interval_s ({need:g}s):"
+                         " a failing revision could never be rolled back in it"))  # fmt: skip
     if upgrade.canary is None:
         return
     for i, step in enumerate(upgrade.canary.steps):

@@ -516,7 +516,8 @@ async def test_commands_that_do_not_apply_are_409_with_the_reason_and_queue_noth
     assert r.status_code == 409 and "not paused" in r.json()["detail"]
     put_state(store, canary_state(Canary(1, 20, 6.0, Hold.USER)))
     r = await client.post("/v1/services/digits/pause")
-    assert r.status_code == 409 and r.json()["detail"] == "the canary is paused already"
+    why = "the canary is paused already (`raygate resume` goes on)"
+    assert r.status_code == 409 and r.json()["detail"] == why
     state = store.load("digits")
     assert state is not None and state.commands == ()
     assert client.woken == ["digits"] * 2  # type: ignore[attr-defined]  # the pushes only

@@ -270,7 +270,7 @@ def test_pause_resume_and_abort_commands() -> None:
     assert w.command("resume") is not None
     assert w.command("pause") is None
     w.tick(good)
-    assert w.command("pause") == "the canary is paused already"
+    assert w.command("pause") == "the canary is paused already (`raygate resume` goes on)"
     for _ in range(40):
         w.tick(good)
     assert w.weight == 10, "paused: the timed pause does not end"
