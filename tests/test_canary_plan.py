@@ -431,14 +431,13 @@ SPECS = [
 windows = st.one_of(
     st.none(),
     # Mostly clean windows, so histories get through their pauses into bakes and rollbacks.
-    st.builds(
-        lambda n, e: win(n, min(e, n)), st.integers(0, 300), st.sampled_from([0] * 6 + [1, 40])
-    ),
-)
+    *[st.builds(lambda n, e: win(n, min(e, n)), st.integers(0, 300),
+                st.sampled_from([0] * 6 + [1, 40]))] * 5,
+)  # fmt: skip
 observation = st.builds(
     ClusterObservation,
-    liveness=st.sampled_from([Liveness.UP] * 14 + [Liveness.STARTING, Liveness.DEAD]),
-    health=st.sampled_from([Health.OK] * 12 + [Health.PENDING, Health.FAILED]),
+    liveness=st.sampled_from([Liveness.UP] * 40 + [Liveness.STARTING, Liveness.DEAD]),
+    health=st.sampled_from([Health.OK] * 30 + [Health.PENDING, Health.FAILED]),
     message=st.just("m"),
     in_flight=st.integers(0, 2),
     window=windows,

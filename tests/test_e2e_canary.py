@@ -175,8 +175,8 @@ def bad_canary_aborts(rg: Raygate, where: Path, revision: int) -> tuple[float, i
                      fail_share=0.3)  # fmt: skip
     with Load(rg.url, workers=4) as load:
         load.wait_for_requests(20)
-        out = rg.cli("push", str(spec), "--wait")
-        assert out.returncode == 1, out.stdout + out.stderr
+        out = rg.cli("push", str(spec), "--wait", "--timeout", "180")
+        assert out.returncode == 1 and "aborted" in out.stderr, out.stdout + out.stderr
         aborted_at = history(rg)[revision]["finished_at"]
         late = lambda: sum(o.at > aborted_at + 2.0 for o in load.outcomes) >= 50  # noqa: E731
         wait_for("answers well after the abort", late, 60, 0.1)
