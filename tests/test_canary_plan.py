@@ -21,17 +21,14 @@ from rollout.plan import (
     Hold,
     Kind,
     Liveness,
-    Observation,
     Phase,
     Result,
-    Revision,
-    ServiceState,
     Step,
-    plan,
     refusal,
 )
 from rollout.spec import ServiceSpec
 from rollout.store import _from_json, _to_json
+from tests.test_plan import World as PlanWorld
 
 STEPS: list[dict[str, Any]] = [
     {"weight": 10},
@@ -89,27 +86,8 @@ def up(window: WindowStats | None = None, in_flight: int = 0) -> ClusterObservat
     return ClusterObservation(Liveness.UP, Health.OK, in_flight=in_flight, window=window)
 
 
-class World:
-    """Drives the planner tick by tick with chosen observations (as tests/test_plan.py)."""
-
-    def __init__(self) -> None:
-        self.state = ServiceState("svc")
-        self.revisions: dict[int, Revision] = {}
-        self.now = 1000.0
-        self.ids = 0
-
-    def push(self, spec: ServiceSpec, rollback_of: int | None = None) -> int:
-        number = len(self.revisions) + 1
-        self.revisions[number] = Revision.of(number, spec, rollback_of)
-        return number
-
-    def tick(self, obs: dict[str, ClusterObservation], dt: float = 1.0) -> Any:
-        self.now += dt
-        self.ids += 1
-        desired = self.revisions[max(self.revisions)]
-        d = plan(self.state, desired, self.revisions, Observation(obs), self.now, f"c{self.ids}")
-        self.state = d.state
-        return d
+class World(PlanWorld):
+    """tests/test_plan.py's World, with the operator's commands and the canary's weight."""
 
     def command(self, kind: str, full: bool = False) -> str | None:
         cmd = Command(kind, full)

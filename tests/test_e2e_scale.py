@@ -9,7 +9,6 @@ hold them all and the counts say what target_capacity did, not what the CPUs all
 
 from __future__ import annotations
 
-import threading
 import time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import Load, Raygate, live_cluster, no_failures, running_raygate, wait_for
+from tests.harness import Load, live_cluster, no_failures, running_raygate, wait_for
 from tests.replicas import ReplicaSampler
-from tests.test_e2e_canary import canary, spec_file
+from tests.test_e2e_canary import Watch, canary, spec_file
 
 pytestmark = pytest.mark.ray
 
@@ -36,45 +35,6 @@ def digits(where: Path, name: str, upgrade: dict[str, Any], env: dict[str, str] 
     deployment.update(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 0.25})
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-class Shares:
-    """Polls the service's status in a thread: the pending cluster's real share of the
-    traffic (`traffic`, what the gateway's table says) while its canary steps run."""
-
-    def __init__(self, rg: Raygate) -> None:
-        self.rg = rg
-        self.seen: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 600
-        with self.rg.api() as api:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                s = api.get("/v1/services/digits").json()
-                p = s.get("pending") or {}
-                if p.get("step") == "canary":
-                    self.seen.append((time.time(), int(s["traffic"].get(p["cluster"], 0))))
-                self._stop.wait(0.2)
-
-    def __enter__(self) -> Shares:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def periods(self) -> list[tuple[int, float, float]]:
-        """(weight, from, to) for each stretch the canary held one share."""
-        out: list[tuple[int, float, float]] = []
-        for t, weight in self.seen:
-            if out and out[-1][0] == weight:
-                out[-1] = (weight, out[-1][1], t)
-            else:
-                out.append((weight, t, t))
-        return out
 
 
 def at_capacity(percent: int) -> int:
@@ -105,7 +65,7 @@ def test_scale_with_traffic_keeps_replicas_near_one_revision(tmp_path: Path) -> 
         upgrade["canary"]["scale_with_traffic"] = True  # fmt: skip
         spec = digits(tmp_path, "scaled", upgrade)
         with ReplicaSampler(state) as replicas, Load(rg.url, workers=2) as load, \
-                Shares(rg) as watch:  # fmt: skip
+                Watch(rg) as watch:  # fmt: skip
             load.wait_for_requests(10)
             assert replicas.samples and replicas.samples[-1][1] == {stable: REPLICAS}
             out = rg.cli("push", str(spec), "--wait")

@@ -80,9 +80,9 @@ class World:
         self.ids = 0
         self.log: list[Any] = []
 
-    def push(self, spec: ServiceSpec) -> int:
+    def push(self, spec: ServiceSpec, rollback_of: int | None = None) -> int:
         number = len(self.revisions) + 1
-        self.revisions[number] = Revision.of(number, spec)
+        self.revisions[number] = Revision.of(number, spec, rollback_of)
         return number
 
     def tick(self, obs: dict[str, ClusterObservation], dt: float = 1.0) -> Any:
