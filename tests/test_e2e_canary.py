@@ -170,9 +170,11 @@ def bad_canary_aborts(rg: Raygate, where: Path, revision: int) -> tuple[float, i
     """Returns (seconds from the abort to the last answer from the canary, failed requests,
     the rollout's message)."""
     stable = live_cluster(rg)
+    # A timed pause: at `pause: {}` `push --wait` would return at once (exit 3, held for a
+    # person) instead of waiting for the verdict.
+    steps = [{"weight": 30}, {"pause": {"duration_s": 600}}]
     spec = spec_file(where, f"bad{revision}", f"v{revision}",
-                     canary([{"weight": 30}, {"pause": {}}], max_error_rate=0.05),
-                     fail_share=0.3)  # fmt: skip
+                     canary(steps, max_error_rate=0.05), fail_share=0.3)  # fmt: skip
     with Load(rg.url, workers=4) as load:
         load.wait_for_requests(20)
         out = rg.cli("push", str(spec), "--wait", "--timeout", "180")
