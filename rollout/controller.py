@@ -45,6 +45,7 @@ from rollout.plan import (
     Revision,
     ServiceState,
     Step,
+    capacity_of,
     plan,
 )
 from rollout.providers.base import ClusterInfo, ClusterProvider, ProviderError
@@ -353,8 +354,9 @@ class Controller:
                 # The smoke probes gate the switch; a canary is judged on real traffic.
                 is_pending = p is not None and p.cluster == cid and p.step is not Step.CANARY
                 report = await self.health.check(
-                    info.dashboard_url, info.serve_url, revisions[expected].spec, probes=is_pending
-                )
+                    info.dashboard_url, info.serve_url, revisions[expected].spec,
+                    probes=is_pending, capacity=capacity_of(state, cid, revisions),
+                )  # fmt: skip
                 health, message = report.health, report.message
             elif liveness is Liveness.UNREACHABLE:
                 proxy_ok = await self.health.proxy_alive(info.serve_url)

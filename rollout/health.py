@@ -39,9 +39,14 @@ def is_subset(expected: Any, actual: Any) -> bool:
     return bool(expected == actual)
 
 
-def evaluate_status(status: dict[str, Any], serve_config: dict[str, Any]) -> Report:
+def evaluate_status(
+    status: dict[str, Any], serve_config: dict[str, Any], capacity: int | None = None
+) -> Report:
     """Gate on Serve's REST status: every expected app RUNNING with its config, every
-    deployment HEALTHY at its target replica count, every proxy HEALTHY."""
+    deployment HEALTHY at its target replica count, every proxy HEALTHY. `capacity` is the
+    Serve target_capacity raygate last sent (scale_with_traffic; None: the config's own): a
+    cluster at another one has not taken that deploy (it failed, or raygate restarted
+    before sending it), and is NOT_DEPLOYED, so it is sent again."""
     apps: dict[str, Any] = status.get("applications") or {}
     expected = {a["name"]: a for a in serve_config.get("applications", [])}
     for name, want in expected.items():
@@ -50,6 +55,13 @@ def evaluate_status(status: dict[str, Any], serve_config: dict[str, Any]) -> Rep
             return Report(Health.NOT_DEPLOYED, f"application {name!r} is not deployed")
         if not is_subset(want, app.get("deployed_app_config") or {}):
             return Report(Health.NOT_DEPLOYED, f"application {name!r} runs another config")
+    want_capacity = _percent(
+        capacity if capacity is not None else serve_config.get("target_capacity")
+    )
+    running = _percent(status.get("target_capacity"))
+    if expected and running != want_capacity:
+        return Report(Health.NOT_DEPLOYED,
+                      f"runs at target_capacity {running:g}%, not {want_capacity:g}%")  # fmt: skip
     failures = []
     for name in expected:
         app = apps[name]
@@ -90,19 +102,29 @@ def evaluate_status(status: dict[str, Any], serve_config: dict[str, Any]) -> Rep
     return Report(Health.OK, "all applications RUNNING, deployments HEALTHY")
 
 
+def _percent(value: Any) -> float:
+    """Serve's target_capacity: unset means all of it."""
+    return 100.0 if value is None else float(value)
+
+
 class HealthChecker:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._http = client
         self._serve = ServeClient(client)
 
     async def check(
-        self, dashboard_url: str, serve_url: str, spec: ServiceSpec, probes: bool
+        self,
+        dashboard_url: str,
+        serve_url: str,
+        spec: ServiceSpec,
+        probes: bool,
+        capacity: int | None = None,
     ) -> Report:
         try:
             status = await self._serve.status(dashboard_url)
         except ServeApiError as exc:
             return Report(Health.PENDING, str(exc))
-        report = evaluate_status(status, spec.serve)
+        report = evaluate_status(status, spec.serve, capacity)
         if report.health is not Health.OK:
             return report
         report = await self._proxy(serve_url, set(spec.app_routes().values()))

@@ -388,8 +388,8 @@ def plan(
     _supersede(b, desired, revisions, observed, now, new_cluster_id)
     _start(b, desired, revisions, observed, now, new_cluster_id)
     _advance(b, revisions, observed, now, new_cluster_id)
-    _keep_active_deployed(b, observed)
     _keep_capacity(b, revisions)
+    _keep_active_deployed(b, observed)
     return b.decision()
 
 
@@ -486,7 +486,7 @@ def _handle_dead_active(
     if active is None or observed.of(active.cluster).liveness is not Liveness.DEAD:
         return
     if _to_baked(b, revisions, observed, now, f"active cluster {active.cluster} is gone"):
-        return
+        return  # (and its revision is not tried again: it lost its cluster at 100%)
     b.event(f"active cluster {active.cluster} is gone; its traffic has nowhere to go")
     if b.state.pending is not None and b.state.pending.cluster == active.cluster:
         b.end_rollout(b.state.pending.revision, Result.ABORTED, "the cluster died")
@@ -727,6 +727,10 @@ def _promote(b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: fl
         delay = revision.spec.upgrade.deletion_delay_s
         until = now + bake if bake > 0 else None
         left = b.state.active_capacity
+        if until is not None and left is not None:
+            # A baked cluster is kept whole: a rollback onto it is instant, not a scale-up.
+            b.act(DeployServe(old.cluster, old.revision))
+            left = None
         retiring = (*retiring, Retiring(old.cluster, now, drain, delay, old.revision, until, left))
         if until is not None:
             analysis = Analysis(p.cluster, None, now)
@@ -821,16 +825,16 @@ def _canary(
         b.act(DeployServe(p.cluster, p.revision, capacity))
     c = p.canary or Canary(step_since=now)
     timeout = revisions[p.revision].spec.upgrade.health.timeout_s
-    sick = obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)
-    if sick:
+    if _sick(obs):
         since = c.unhealthy_since if c.unhealthy_since is not None else now
         if now - since > timeout:
-            _abort(b, p, f"canary not healthy for {timeout:g}s: {obs.message}", revisions, now)
+            why = obs.message or "its dashboard and Serve proxy do not answer"
+            _abort(b, p, f"canary not healthy for {timeout:g}s: {why}", revisions, now)
             return
         if since != c.unhealthy_since:
             p = replace(p, canary=replace(c, unhealthy_since=since))
             b.set(pending=p)
-    elif c.unhealthy_since is not None:
+    elif _ready(obs) and c.unhealthy_since is not None:  # (unknown: the clock runs on)
         p = replace(p, canary=replace(c, unhealthy_since=None))
         b.set(pending=p)
     if b.state.active is None:  # the stable cluster is gone: nothing else can serve
@@ -992,7 +996,8 @@ def _stable_scaled(b: _Builder, capacity: int, observed: Observation) -> bool:
         return False
     obs = observed.of(a.cluster)
     if obs.health is not Health.OK:
-        b.set(pending=replace(p, ok_streak=0, message=f"scaling stable: {obs.message}"))
+        why = obs.message or f"cluster is {obs.liveness.value}"
+        b.set(pending=replace(p, ok_streak=0, message=f"scaling stable: {why}"))
         return False
     if have is not None and p.ok_streak + 1 < 2:
         b.set(pending=replace(p, ok_streak=p.ok_streak + 1))
@@ -1023,8 +1028,9 @@ def _bake(
     # marks its proxy down: requests end in the gateway's own 503): judged as long as
     # `failure_limit` failed intervals would take.
     obs = observed.of(active.cluster)
-    sick = (obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)) or (
-        obs.liveness is Liveness.UNREACHABLE and obs.proxy_ok is False)  # fmt: skip
+    # Serve adding replicas (PENDING) while the answers pass is no reason to roll back.
+    passing = a.verdict is not None and a.verdict.result is Outcome.PASS
+    sick = _sick(obs) and not (passing and obs.health is Health.PENDING)
     since = (a.unhealthy_since if a.unhealthy_since is not None else now) if sick else None
     if since != a.unhealthy_since:
         a = replace(a, unhealthy_since=since)
@@ -1188,6 +1194,18 @@ def _end_bake(b: _Builder, revision: int, now: float) -> None:
 
 
 # ---- capacity (scale_with_traffic) and the baked cluster -----------------------------------
+def capacity_of(state: ServiceState, cluster: str, revisions: Mapping[int, Revision]
+                ) -> int | None:  # fmt: skip
+    """The Serve target_capacity the plan last sent to `cluster` (None: full), which the
+    health check expects to find running there."""
+    p = state.pending
+    if p is not None and p.cluster == cluster and p.kind is Kind.NEW_CLUSTER:
+        return _pending_capacity(state, p, revisions)
+    if state.active is not None and state.active.cluster == cluster:
+        return state.active_capacity
+    return next((r.capacity for r in state.retiring if r.cluster == cluster), None)
+
+
 def _pending_capacity(state: ServiceState, p: Pending, revisions: Mapping[int, Revision]
                       ) -> int | None:  # fmt: skip
     """The Serve target_capacity the pending cluster is deployed with: a scaling canary's
@@ -1221,9 +1239,19 @@ def _keep_capacity(b: _Builder, revisions: Mapping[int, Revision]) -> None:
             want = None if want >= 100 else want
     if want == s.active_capacity:
         return
-    if not any(isinstance(x, DeployServe) and x.cluster == a.cluster for x in b.actions):
-        b.act(DeployServe(a.cluster, a.revision, want))
+    # One deploy to the active cluster, with the capacity it must run at now.
+    b.actions = [
+        x for x in b.actions if not (isinstance(x, DeployServe) and x.cluster == a.cluster)
+    ]
+    b.act(DeployServe(a.cluster, a.revision, want))
     b.set(active_capacity=want)
+
+
+def _sick(obs: ClusterObservation) -> bool:
+    """Fails its health gate (Serve's status, its proxy), as far as can be told now."""
+    if obs.liveness is Liveness.UNREACHABLE:
+        return obs.proxy_ok is False
+    return obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)
 
 
 def _ready(obs: ClusterObservation) -> bool:
@@ -1243,8 +1271,12 @@ def _to_baked(
         if r.baking(now) and r.revision in revisions and r.revision is not None:
             if _ready(observed.of(r.cluster)):
                 old = revisions[r.revision]
+                bad = s.active.revision
+                message = f"{why} while baking; traffic back on {r.cluster} (revision {r.revision})"
                 _swap_back(b, r, old.number, old, revisions, now)
-                b.event(f"{why}: traffic back on baked cluster {r.cluster} "
-                        f"(revision {r.revision}) at once")  # fmt: skip
+                b.finished.append(RolloutRecord(bad, Result.ROLLED_BACK, message))
+                b.set(last_rollout=RolloutRecord(bad, Result.ROLLED_BACK, message),
+                      failed_up_to=max(b.state.failed_up_to, bad))  # fmt: skip
+                b.event(f"rolled back revision {bad}: {message}")
                 return True
     return False

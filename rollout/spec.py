@@ -273,10 +273,11 @@ def _check_upgrade(upgrade: UpgradeSpec, problems: list[tuple[str, str]]) -> Non
     if upgrade.strategy != "canary" and upgrade.canary is not None:
         problems.append(("upgrade.strategy", "set it to canary to use upgrade.canary"))
     judged = upgrade.analysis
-    need = judged.failure_limit * judged.interval_s
+    # failure_limit failed intervals, and one more for the ticks' drift and the first one
+    need = (judged.failure_limit + 1) * judged.interval_s
     if 0 < upgrade.bake_s < need:
-        problems.append(("upgrade.bake_s", f"shorter than failure_limit x interval_s ({need:g}s):"
-                         " a failing revision could never be rolled back in it"))  # fmt: skip
+        why = f"shorter than (failure_limit + 1) x interval_s ({need:g}s)"
+        problems.append(("upgrade.bake_s", f"{why}: a failing revision could not be rolled back"))
     if upgrade.canary is None:
         return
     for i, step in enumerate(upgrade.canary.steps):
