@@ -261,6 +261,13 @@ def create_admin_app(
         body_out = {"name": name, "revision": revision, "phase": phase, "unchanged": unchanged}
         if unchanged:
             body_out["message"] = f"identical to revision {revision}: nothing to do"
+            result = next((h["result"] for h in store.history(name)
+                           if h["revision"] == revision), None)  # fmt: skip
+            if result in ("aborted", "rolled_back"):
+                body_out["message"] = (
+                    f"identical to revision {revision}, which was {result} and is not tried "
+                    "again: change the spec to try again"
+                )
         return JSONResponse(body_out, 200 if unchanged else 202)
 
     async def flights_or_none() -> Mapping[str, int]:

@@ -390,6 +390,7 @@ def plan(
     _advance(b, revisions, observed, now, new_cluster_id)
     _keep_capacity(b, revisions)
     _keep_active_deployed(b, observed)
+    _keep_baked_deployed(b, observed, now)
     return b.decision()
 
 
@@ -604,7 +605,9 @@ def _start(
                 target.cluster_hash,
                 Step.DEPLOY,
                 now,
-            )
+            ),
+            # Deployed as the spec says (no capacity): whatever a canary lowered is whole again.
+            active_capacity=None,
         )
         b.event(
             f"revision {target.number}: serve-only change, updating {s.active.cluster} in place"
@@ -834,7 +837,7 @@ def _canary(
         if since != c.unhealthy_since:
             p = replace(p, canary=replace(c, unhealthy_since=since))
             b.set(pending=p)
-    elif _ready(obs) and c.unhealthy_since is not None:  # (unknown: the clock runs on)
+    elif c.unhealthy_since is not None and (_ready(obs) or obs.proxy_ok is True):
         p = replace(p, canary=replace(c, unhealthy_since=None))
         b.set(pending=p)
     if b.state.active is None:  # the stable cluster is gone: nothing else can serve
@@ -1044,7 +1047,7 @@ def _bake(
         why = f"analysis failed {a.failures} intervals in a row: {verdict.message}"
     else:
         return
-    if not _ready(observed.of(baked.cluster)):
+    if not _can_take_back(observed.of(baked.cluster)):
         if verdict is not None:  # once an interval, not every tick
             b.event(f"{why}, but baked cluster {baked.cluster} is not healthy enough to "
                     "take traffic back")  # fmt: skip
@@ -1096,7 +1099,7 @@ def _back_to_baking(
             continue
         if not revisions[r.revision].same_as(target):
             continue
-        if not _ready(observed.of(r.cluster)):
+        if not _can_take_back(observed.of(r.cluster)):
             return False
         replaced = s.active.revision
         _swap_back(b, r, target.number, target, revisions, now)
@@ -1254,6 +1257,13 @@ def _sick(obs: ClusterObservation) -> bool:
     return obs.liveness is Liveness.UP and obs.health not in (Health.OK, None)
 
 
+def _can_take_back(obs: ClusterObservation) -> bool:
+    """A baked cluster that can take all traffic back now: up, its apps running, its
+    replicas up or still starting (raised to full capacity when its bake began: requests
+    queue in Serve until they are up, which beats a failing or vanished cluster)."""
+    return obs.liveness is Liveness.UP and obs.health in (Health.OK, Health.PENDING)
+
+
 def _ready(obs: ClusterObservation) -> bool:
     """A cluster that can take all traffic back this instant: up, and its apps healthy."""
     return obs.liveness is Liveness.UP and obs.health is Health.OK
@@ -1269,7 +1279,7 @@ def _to_baked(
         return False
     for r in s.retiring:
         if r.baking(now) and r.revision in revisions and r.revision is not None:
-            if _ready(observed.of(r.cluster)):
+            if _can_take_back(observed.of(r.cluster)):
                 old = revisions[r.revision]
                 bad = s.active.revision
                 message = f"{why} while baking; traffic back on {r.cluster} (revision {r.revision})"
@@ -1280,3 +1290,13 @@ def _to_baked(
                 b.event(f"rolled back revision {bad}: {message}")
                 return True
     return False
+
+
+def _keep_baked_deployed(b: _Builder, observed: Observation, now: float) -> None:
+    """Level-triggered, as for the active cluster: a baked cluster must run its revision at
+    the capacity it was last sent (the full-capacity deploy when its bake began may have
+    failed), or it could not take traffic back."""
+    for r in b.state.retiring:
+        if r.baking(now) and r.revision is not None:
+            if observed.of(r.cluster).health is Health.NOT_DEPLOYED:
+                b.act(DeployServe(r.cluster, r.revision, r.capacity))

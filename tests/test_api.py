@@ -87,6 +87,23 @@ async def test_push_json_then_identical_push_is_a_noop(
     assert len(store.history("digits")) == 1
 
 
+async def test_an_identical_push_of_a_failed_revision_says_how_to_try_again(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """An aborted or rolled back revision is not tried again; pushing the same spec changes
+    nothing, and the answer says so rather than just "nothing to do"."""
+    assert (await client.put("/v1/services/digits", json=spec())).status_code == 202
+    state = store.load("digits")
+    assert state is not None
+    put_state(store, state, RolloutRecord(1, Result.ROLLED_BACK, "died while baking"))
+    r = await client.put("/v1/services/digits", json=spec())
+    assert r.status_code == 200 and r.json()["unchanged"] is True
+    assert r.json()["message"] == (
+        "identical to revision 1, which was rolled_back and is not tried again: change the "
+        "spec to try again"
+    )
+
+
 async def test_push_yaml_body(client: httpx.AsyncClient) -> None:
     body = yaml.safe_dump(spec())
     r = await client.put(

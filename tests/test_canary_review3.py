@@ -142,7 +142,7 @@ def test_a_bake_whose_baked_cluster_is_not_ready_says_so_once_an_interval() -> N
     pend = ClusterObservation(Liveness.UP, Health.PENDING, "x", window=win(600, errors=600))
     events = 0
     for _ in range(60):
-        d = w.tick({old: ClusterObservation(Liveness.UP, Health.PENDING, "y"), new: pend})
+        d = w.tick({old: ClusterObservation(Liveness.UP, Health.FAILED, "y"), new: pend})
         events += sum("not healthy enough" in e for e in d.events)
     assert events <= 60 // 10 + 1, events
     assert w.state.active is not None and w.state.active.cluster == new
