@@ -36,6 +36,22 @@ observation = st.builds(
 )
 
 
+def operate(w: World, data: st.DataObject) -> None:
+    """What may happen between two ticks: a push, a command, a restart, a rollback."""
+    choice = data.draw(st.integers(0, 24), label="what")
+    if choice == 0:
+        w.push(data.draw(st.sampled_from(SPECS), label="spec"))
+    elif choice == 1:
+        kind = data.draw(st.sampled_from(["promote", "abort", "pause", "resume"]))
+        w.command(kind, data.draw(st.booleans(), label="full"))
+    elif choice == 2:
+        w.state = _from_json(_to_json(w.state))
+    elif choice == 3 and w.state.active is not None:
+        good = [n for n in w.revisions if n < w.state.active.revision]
+        if good:
+            to = data.draw(st.sampled_from(good), label="to")
+            w.push(w.revisions[to].spec, rollback_of=to)
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_cluster_with_a_share_was_last_sent_capacity_for_it(data: st.DataObject) -> None:
@@ -44,19 +60,7 @@ def test_a_cluster_with_a_share_was_last_sent_capacity_for_it(data: st.DataObjec
     sent: dict[str, int] = {}  # cluster -> last target_capacity sent (100: full)
     history: list[str] = []
     for _ in range(data.draw(st.integers(5, 80), label="ticks")):
-        choice = data.draw(st.integers(0, 24), label="what")
-        if choice == 0:
-            w.push(data.draw(st.sampled_from(SPECS), label="spec"))
-        elif choice == 1:
-            kind = data.draw(st.sampled_from(["promote", "abort", "pause", "resume"]))
-            w.command(kind, data.draw(st.booleans(), label="full"))
-        elif choice == 2:
-            w.state = _from_json(_to_json(w.state))
-        elif choice == 3 and w.state.active is not None:
-            good = [n for n in w.revisions if n < w.state.active.revision]
-            if good:
-                to = data.draw(st.sampled_from(good), label="to")
-                w.push(w.revisions[to].spec, rollback_of=to)
+        operate(w, data)
         obs = {c: data.draw(observation, label=c) for c in w.state.clusters()}
         d = w.tick(obs, data.draw(st.floats(0.5, 12), label="dt"))
         for a in d.actions:
@@ -86,19 +90,7 @@ def test_a_share_rises_only_onto_capacity_sent_earlier(data: st.DataObject) -> N
     sent: dict[str, int] = {}
     history: list[str] = []
     for _ in range(data.draw(st.integers(5, 80), label="ticks")):
-        choice = data.draw(st.integers(0, 24), label="what")
-        if choice == 0:
-            w.push(data.draw(st.sampled_from(SPECS), label="spec"))
-        elif choice == 1:
-            kind = data.draw(st.sampled_from(["promote", "abort", "pause", "resume"]))
-            w.command(kind, data.draw(st.booleans(), label="full"))
-        elif choice == 2:
-            w.state = _from_json(_to_json(w.state))
-        elif choice == 3 and w.state.active is not None:
-            good = [n for n in w.revisions if n < w.state.active.revision]
-            if good:
-                to = data.draw(st.sampled_from(good), label="to")
-                w.push(w.revisions[to].spec, rollback_of=to)
+        operate(w, data)
         before = w.state.traffic()
         had_active = w.state.active is not None
         obs = {c: data.draw(observation, label=c) for c in w.state.clusters()}
