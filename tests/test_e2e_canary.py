@@ -123,6 +123,20 @@ def shares_per_step(load: Load, watch: Watch, new: str) -> list[tuple[int, float
     return out
 
 
+def scrape(rg: Raygate) -> dict[str, float]:
+    """The admin API's /metrics as {name{labels, sorted by name}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with rg.api() as api:
+        text = api.get("/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
 def pending_in_canary(rg: Raygate, weight: int, within_s: float = 300) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         s = rg.status("digits")
@@ -227,6 +241,12 @@ def test_pause_resume_promote_then_rollback_in_the_bake_window(rg: Raygate, tmp_
         s = pending_in_canary(rg, 30)
         new = s["pending"]["cluster"]
         assert s["pending"]["paused"] is True, "a `pause: {}` step holds"
+        # The canary's weight and the verdicts so far (this module's earlier canaries
+        # passed intervals and failed some), as Prometheus scrapes them.
+        metrics = scrape(rg)
+        assert metrics[f'raygate_canary_weight{{cluster="{new}",service="digits"}}'] == 30
+        assert metrics['raygate_analysis_runs_total{result="pass",service="digits"}'] >= 1
+        assert metrics['raygate_analysis_runs_total{result="fail",service="digits"}'] >= 2
         out = rg.cli("pause", "digits")
         assert out.returncode == 0, out.stdout + out.stderr
         wait_for("the pause", lambda: rg.status("digits")["pending"]["hold"] == "user", 30)
@@ -239,6 +259,7 @@ def test_pause_resume_promote_then_rollback_in_the_bake_window(rg: Raygate, tmp_
         out = rg.cli("promote", "digits")
         assert out.returncode == 0, out.stdout + out.stderr
         assert live_cluster(rg, 4, within_s=60) == new
+        assert not [k for k in scrape(rg) if k.startswith("raygate_canary_weight")]
         s = rg.status("digits")
         (baked,) = s["retiring"]
         assert baked["cluster"] == stable and baked["bake_until"] > time.time() + 200
