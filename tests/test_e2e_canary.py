@@ -163,8 +163,9 @@ def good_canary_walks(rg: Raygate, where: Path, revision: int) -> list[tuple[int
         out = rg.cli("push", str(spec), "--wait")
         assert out.returncode == 0, out.stdout + out.stderr + rg.log_tail()
         new = live_cluster(rg, revision)
-        n = len(load.outcomes)
-        load.wait_for_requests(n + 20)
+        end = watch.periods()[-1][2]  # the last moment the canary was seen sharing traffic
+        later = lambda: sum(o.at > end + 1.0 for o in load.outcomes) >= 20  # noqa: E731
+        wait_for("answers after the last step", later, 60, 0.1)
     no_failures(load)
     assert new != old
     weights = [w for w, _, _ in watch.periods()]
@@ -174,7 +175,7 @@ def good_canary_walks(rg: Raygate, where: Path, revision: int) -> list[tuple[int
     for weight, share, _ in shares:
         assert abs(share - weight) <= 6, f"weight {weight}% but {share:.1f}% of answers"
     # After the last step: every answer from the new cluster.
-    after = [o for o in load.outcomes if o.at > watch.periods()[-1][2] + 1.0]
+    after = [o for o in load.outcomes if o.at > end + 1.0]
     assert after and {o.cluster for o in after} == {new}
     wait_for("the old cluster to go", lambda: rg.clusters_running() == {new}, 120)
     return shares
