@@ -351,7 +351,7 @@ class _Builder:
         record = RolloutRecord(revision, result, message)
         self.finished.append(record)
         self.set(last_rollout=record)
-        if result is Result.ABORTED:
+        if result in (Result.ABORTED, Result.ROLLED_BACK):
             self.set(failed_up_to=max(self.state.failed_up_to, revision))
             if self.state.restore == revision:  # a restore is tried once, not in a loop
                 self.set(restore=None)
@@ -1052,12 +1052,21 @@ def _bake(
             b.event(f"{why}, but baked cluster {baked.cluster} is not healthy enough to "
                     "take traffic back")  # fmt: skip
         return
+    _roll_back(b, baked, revisions, now, why)
+
+
+def _roll_back(
+    b: _Builder, baked: Retiring, revisions: Mapping[int, Revision], now: float, why: str
+) -> None:
+    """The revision that replaced `baked` failed while baking: every request goes back on
+    the baked cluster at once, and that revision is rolled back, not tried again (a push or
+    `raygate rollback` brings it back)."""
+    active = b.state.active
+    assert active is not None and baked.revision is not None
     message = f"{why} while baking; traffic back on {baked.cluster} (revision {baked.revision})"
     old = revisions[baked.revision]
     _swap_back(b, baked, old.number, old, revisions, now)
-    b.finished.append(RolloutRecord(active.revision, Result.ROLLED_BACK, message))
-    b.set(last_rollout=RolloutRecord(active.revision, Result.ROLLED_BACK, message),
-          failed_up_to=max(b.state.failed_up_to, active.revision))  # fmt: skip
+    b.end_rollout(active.revision, Result.ROLLED_BACK, message)
     b.event(f"rolled back revision {active.revision}: {message}")
 
 
@@ -1073,9 +1082,9 @@ def _swap_back(
     active = b.state.active
     assert active is not None
     drain = _drain_s(revisions.get(active.revision), target)
-    gone = Retiring(active.cluster, now, drain, 0.0, active.revision)
+    gone = Retiring(active.cluster, now, drain, 0.0, active.revision,
+                    capacity=b.state.active_capacity)  # fmt: skip
     others = tuple(r for r in b.state.retiring if r.cluster != baked.cluster)
-    gone = replace(gone, capacity=b.state.active_capacity)
     b.set(active=Active(baked.cluster, as_revision, target.cluster_hash),
           retiring=(*others, gone), analysis=None, active_capacity=None)  # fmt: skip
     if baked.capacity is not None:  # a canary scaled it down: its full capacity again
@@ -1273,21 +1282,13 @@ def _to_baked(
     b: _Builder, revisions: Mapping[int, Revision], observed: Observation, now: float, why: str
 ) -> bool:
     """The active cluster is gone or silent during a bake window: the baked cluster, warm and
-    healthy, takes all traffic back at once (the active's revision rolled out again later)."""
-    s = b.state
-    if s.active is None:
+    healthy, takes all traffic back at once (the active's revision is rolled back)."""
+    if b.state.active is None:
         return False
-    for r in s.retiring:
+    for r in b.state.retiring:
         if r.baking(now) and r.revision in revisions and r.revision is not None:
             if _can_take_back(observed.of(r.cluster)):
-                old = revisions[r.revision]
-                bad = s.active.revision
-                message = f"{why} while baking; traffic back on {r.cluster} (revision {r.revision})"
-                _swap_back(b, r, old.number, old, revisions, now)
-                b.finished.append(RolloutRecord(bad, Result.ROLLED_BACK, message))
-                b.set(last_rollout=RolloutRecord(bad, Result.ROLLED_BACK, message),
-                      failed_up_to=max(b.state.failed_up_to, bad))  # fmt: skip
-                b.event(f"rolled back revision {bad}: {message}")
+                _roll_back(b, r, revisions, now, why)
                 return True
     return False
 
