@@ -22,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from gateway.metrics import Metrics
 
@@ -31,8 +32,8 @@ RULES = MONITORING / "raygate-rules.yml"
 RULE_TESTS = MONITORING / "raygate-rules.test.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 OPERATOR_RULE = MONITORING / "prometheusrule.yaml"
-# Series Prometheus makes itself, not raygate.
-PROMETHEUS_OWN = {"up"}
+# Series Prometheus makes itself, not raygate, with their labels.
+PROMETHEUS_OWN = {"up": {"job", "instance"}}
 
 Doc = dict[str, Any]
 
@@ -101,7 +102,46 @@ def unknown_names(exprs: dict[str, str], known: set[str]) -> list[str]:
 
 
 def known_names() -> set[str]:
-    return registry_names(Metrics(CollectorRegistry()).registry) | PROMETHEUS_OWN
+    return registry_names(Metrics(CollectorRegistry()).registry) | set(PROMETHEUS_OWN)
+
+
+def known_labels() -> dict[str, set[str]]:
+    """Series name -> its label names, for every metric a `Metrics` holds (prometheus-client
+    keeps a metric's label names in `_labelnames`; `describe()` does not carry them)."""
+    out = {name: set(labels) for name, labels in PROMETHEUS_OWN.items()}
+    for metric in vars(Metrics(CollectorRegistry())).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        labels = set(metric._labelnames)
+        registry = CollectorRegistry()
+        registry.register(metric)
+        for name in registry_names(registry):
+            out[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    return out
+
+
+_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER_LABEL = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+
+
+def unknown_labels(exprs: dict[str, str], labels: dict[str, set[str]]) -> list[str]:
+    """Label names a query uses that its metrics do not have: in a selector's matchers (a
+    typo there matches nothing, silently), or in `by`/`on`/`without`/`ignoring` (one that no
+    metric of the expression has merges every series into one)."""
+    problems = []
+    for where, expr in exprs.items():
+        text = _STRING.sub('""', expr)
+        for m in _SELECTOR.finditer(text):
+            for label in _MATCHER_LABEL.findall(m.group(2)):
+                if label not in labels.get(m.group(1), set()):
+                    problems.append(f"{where}: {m.group(1)} has no label {label}")
+        anywhere = set().union(*(labels.get(n, set()) for n in metric_names(expr)))
+        for group in _GROUPING.finditer(text):
+            inside = group.group()[group.group().index("(") + 1 : -1]
+            for label in filter(None, (x.strip() for x in inside.split(","))):
+                if label not in anywhere:
+                    problems.append(f"{where}: no metric of it has a label {label}")
+    return problems
 
 
 # ---------------------------------------------------------------- the files
@@ -171,16 +211,31 @@ def test_the_name_check_finds_names_and_only_names() -> None:
     ]
 
 
+def test_the_label_check_finds_labels_a_metric_lacks() -> None:
+    labels = known_labels()
+    assert labels["raygate_request_duration_seconds_bucket"] == {"service", "app", "cluster", "le"}
+    assert labels["raygate_rollouts_total"] == {"service", "result"}
+    good = 'sum by (service, kind) (rate(raygate_upstream_errors_total{service=~"a"}[5m]))'
+    assert unknown_labels({"x": good}, labels) == []
+    bad = 'sum by (service, app) (rate(raygate_upstream_errors_total{servce=~"a"}[5m]))'
+    assert unknown_labels({"x": bad}, labels) == [
+        "x: raygate_upstream_errors_total has no label servce",
+        "x: no metric of it has a label app",
+    ]
+
+
 def test_every_metric_in_the_dashboard_exists_in_raygates_registry() -> None:
     exprs = dashboard_exprs(dashboard())
     assert len(exprs) > 15
     assert unknown_names(exprs, known_names()) == []
+    assert unknown_labels(exprs, known_labels()) == []
 
 
 def test_every_metric_in_the_alert_rules_exists_in_raygates_registry() -> None:
     exprs = rule_exprs()
     assert len(exprs) >= 6
     assert unknown_names(exprs, known_names()) == []
+    assert unknown_labels(exprs, known_labels()) == []
 
 
 def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
