@@ -373,3 +373,47 @@ def test_kustomize_renders_the_rule_and_the_dashboard_configmap() -> None:
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["grafana-dashboard.json"]) == dashboard()
     assert docs["PrometheusRule"]["spec"] == rules()
+
+
+def test_the_phase_panel_reads_each_services_phase_from_a_real_scrape(tmp_path: Path) -> None:
+    """The phase timeline folds raygate_rollout_phase's 0/1 series into one number per
+    service; promtool evaluates that query on series scraped from a real `Metrics`, and the
+    panel's value mappings turn the number back into the phase's name."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rollout.plan import Phase
+
+    phases = tuple(p.value for p in Phase)
+    metrics = Metrics(CollectorRegistry())
+    expected = {"a": "deploying", "b": "live", "c": "upgrading", "d": "failed", "e": "deleting"}
+    for service, phase in expected.items():
+        metrics.set_phase(service, phase, phases)
+    series = [
+        {"series": s.name + "{" + ",".join(f'{k}="{v}"' for k, v in s.labels.items()) + "}",
+         "values": f"{s.value:g}x5"}
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+        if s.name == "raygate_rollout_phase"
+    ]  # fmt: skip
+    panel = next(p for p in panels(dashboard()) if p["title"] == "Rollout phase")
+    expr = panel["targets"][0]["expr"].replace("$service", ".+")
+    names = {
+        int(k): v["text"] for m in panel["fieldConfig"]["defaults"]["mappings"]
+        for k, v in m["options"].items()
+    }  # fmt: skip
+    number = {name: n for n, name in names.items()}
+    samples = [
+        {"labels": f'{{service="{service}"}}', "value": number[phase]}
+        for service, phase in expected.items()
+    ]
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    (tmp_path / "phase.test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["empty.yml"],
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+            {"expr": expr, "eval_time": "2m", "exp_samples": samples}]}],
+    }))  # fmt: skip
+    out = subprocess.run([promtool(), "test", "rules", "phase.test.yml"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert set(names.values()) == set(phases)
