@@ -297,7 +297,8 @@ class Controller:
         after = decision.state
         if decision.gone:
             return  # _record forgot the service
-        self.metrics.start_counting_rollouts(after.name, tuple(r.value for r in Result))
+        ended = tuple(r.value for r in Result if r is not Result.IN_PROGRESS)
+        self.metrics.start_counting_rollouts(after.name, ended)
         healthy = {}
         for cid in after.clusters():
             o = observed.of(cid)

@@ -61,6 +61,7 @@ async def test_a_first_deploy_has_no_count_until_live_then_one_healthy_cluster(r
     # Every result counts from 0, so increase() sees the first abort.
     assert value(rig, "raygate_rollouts_total", result="aborted") == 0
     assert value(rig, "raygate_rollouts_total", result="succeeded") == 1
+    assert value(rig, "raygate_rollouts_total", result="in_progress") is None, "never ends so"
 
 
 async def test_a_stalled_dashboard_is_degraded_but_still_serving(rig: Rig) -> None:

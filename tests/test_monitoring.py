@@ -304,6 +304,25 @@ def test_each_alert_has_a_severity_a_summary_and_a_description() -> None:
         assert notes.get("summary") and notes.get("description"), a["alert"]
 
 
+def test_the_rules_job_matcher_matches_the_servicemonitors_job() -> None:
+    """The Prometheus Operator names a ServiceMonitor's job after the Service it scrapes
+    (unless `jobLabel` says otherwise): deploy/'s admin Service must match `raygate.*`."""
+    from tests.test_deploy import manifests, one
+
+    docs = manifests()
+    sm = one(docs, "ServiceMonitor")
+    assert "jobLabel" not in sm["spec"]
+    selector = sm["spec"]["selector"]["matchLabels"]
+    services = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Service" and selector.items() <= d["metadata"]["labels"].items()
+    ]
+    matchers = set(re.findall(r'up\{job=~"([^"]+)"\}', "\n".join(rule_exprs().values())))
+    assert services and matchers == {"raygate.*"}
+    assert all(re.fullmatch(m, s) for m in matchers for s in services), (services, matchers)
+
+
 def test_the_operator_rule_carries_the_same_groups() -> None:
     rule = yaml.safe_load(OPERATOR_RULE.read_text())
     assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
