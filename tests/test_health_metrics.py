@@ -64,6 +64,16 @@ async def test_a_first_deploy_has_no_count_until_live_then_one_healthy_cluster(r
     assert value(rig, "raygate_rollouts_total", result="in_progress") is None, "never ends so"
 
 
+async def test_a_first_deploy_that_fails_serves_nothing_and_counts_zero(rig: Rig) -> None:
+    rig.serve.reject = "invalid import path"
+    rig.store.push(make_spec(), rig.clock.now)
+    await rig.tick(3)
+    assert rig.status() == (None, None, "aborted")
+    assert value(rig, "raygate_rollout_phase", phase="failed") == 1
+    assert healthy_clusters(rig) == 0
+    assert value(rig, "raygate_rollouts_total", result="aborted") == 1
+
+
 async def test_a_stalled_dashboard_is_degraded_but_still_serving(rig: Rig) -> None:
     live = await rig.live()
     rig.provider.clusters[live].dashboard = False  # its Serve proxy still answers
