@@ -7,8 +7,10 @@ never raw paths, so cardinality stays bounded by the number of services and clus
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -113,6 +115,26 @@ class Metrics:
             "raygate_analysis_runs", "Analysis verdicts on canaries and bake windows.",
             ["service", "result"], registry=r,
         )  # fmt: skip
+        # Alerts and dashboards (deploy/monitoring/): what a cluster's health checks say.
+        self.cluster_healthy = Gauge(
+            "raygate_cluster_healthy",
+            "1 while a cluster passes its health checks (or only its dashboard stalls while "
+            "its Serve proxy answers), 0 otherwise; absent for clusters not checked.",
+            ["service", "cluster"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.healthy_clusters = Gauge(
+            "raygate_service_healthy_clusters",
+            "Clusters of a service that take a share of its traffic and are healthy; absent "
+            "before the service first goes live and while it is being deleted.",
+            ["service"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self.degraded_since = Gauge(
+            "raygate_cluster_degraded_since_timestamp_seconds",
+            "Unix time a cluster's dashboard stopped answering; absent while it answers.",
+            ["service", "cluster"], registry=r, multiprocess_mode="max",
+        )  # fmt: skip
+        self._health_labels: dict[str, set[str]] = {}
+        self._degraded_labels: dict[str, set[str]] = {}
         self._canary_labels: dict[str, set[str]] = {}
         self._routes: dict[tuple[str, str, str], _RouteMetrics] = {}
         self._weight_labels: set[tuple[str, str]] = set()
@@ -212,6 +234,42 @@ class Metrics:
     def forget_service(self, service: str, phases: tuple[str, ...]) -> None:
         for p in phases:
             self.rollout_phase.remove(service, p)
+        self.set_cluster_health(service, {}, {}, {}, serves=False)  # removes its series
+        self._health_labels.pop(service, None)
+        self._degraded_labels.pop(service, None)
+
+    def start_counting_rollouts(self, service: str, results: tuple[str, ...]) -> None:
+        """Every result's counter at 0 from a service's first tick: Prometheus' `increase()`
+        sees no rise in a series whose first sample is already 1, so a rollout-aborted alert
+        would miss the first abort after raygate starts."""
+        for result in results:
+            self.rollouts.labels(service, result)
+
+    def set_cluster_health(
+        self, service: str, healthy: Mapping[str, bool], weights: Mapping[str, int],
+        degraded_since: Mapping[str, float], serves: bool = True,
+    ) -> None:  # fmt: skip
+        """One tick's health of a service's clusters: `healthy` for those checked,
+        `weights` the traffic shares, `degraded_since` the clusters whose dashboard does not
+        answer (since when). Series of clusters no longer listed go. `serves`: the service
+        should be serving (it went live once and is not being deleted); if not, its count
+        of healthy clusters is absent, so that no alert fires on a first deploy."""
+        for gone in self._health_labels.get(service, set()) - set(healthy):
+            self.cluster_healthy.remove(service, gone)
+        for cluster, ok in healthy.items():
+            self.cluster_healthy.labels(service, cluster).set(1 if ok else 0)
+        self._health_labels[service] = set(healthy)
+        for gone in self._degraded_labels.get(service, set()) - set(degraded_since):
+            self.degraded_since.remove(service, gone)
+        for cluster, since in degraded_since.items():
+            self.degraded_since.labels(service, cluster).set(since)
+        self._degraded_labels[service] = set(degraded_since)
+        if not serves:
+            with contextlib.suppress(KeyError):  # not there
+                self.healthy_clusters.remove(service)
+            return
+        serving = sum(1 for c, ok in healthy.items() if ok and weights.get(c, 0) > 0)
+        self.healthy_clusters.labels(service).set(serving)
 
     def rollout_ended(self, service: str, result: str) -> None:
         self.rollouts.labels(service, result).inc()

@@ -39,9 +39,11 @@ from rollout.plan import (
     Decision,
     DeleteCluster,
     DeployServe,
+    Health,
     Liveness,
     Observation,
     Phase,
+    Result,
     Revision,
     ServiceState,
     Step,
@@ -246,6 +248,7 @@ class Controller:
         for text in decision.events:
             log.info("%s: %s", name, text)
         self._record(state, decision, now)
+        self._record_health(decision, observed)
         try:
             await self.publish_routes()
         except Exception:
@@ -286,6 +289,32 @@ class Controller:
                 for r in before.retiring:
                     if r.cluster == action.cluster:
                         self.metrics.step_took("drain", now - r.since)
+
+    def _record_health(self, decision: Decision, observed: Observation) -> None:
+        """Health metrics of one tick, for alerts (deploy/monitoring/): healthy is passing the
+        health checks, or a dashboard that stalls while the Serve proxy answers (degraded:
+        it keeps its traffic). A cluster nobody checked this tick (a draining one) has none."""
+        after = decision.state
+        if decision.gone:
+            return  # _record forgot the service
+        ended = tuple(r.value for r in Result if r is not Result.IN_PROGRESS)
+        self.metrics.start_counting_rollouts(after.name, ended)
+        healthy = {}
+        for cid in after.clusters():
+            o = observed.of(cid)
+            if o.liveness is Liveness.UP and o.health is None:
+                continue
+            healthy[cid] = (o.liveness is Liveness.UP and o.health is Health.OK) or (
+                o.liveness is Liveness.UNREACHABLE and o.proxy_ok is True
+            )
+        degraded = {u.cluster: u.since for u in after.unreachable}
+        # Should serve: live, upgrading, restoring a lost active cluster (`restore`), or
+        # failed (its rollout aborted with no cluster left to serve). A first deploy under
+        # way and a deletion have nothing to serve yet or any more.
+        serves = not after.deleting and (
+            after.active is not None or after.restore is not None or after.phase is Phase.FAILED
+        )
+        self.metrics.set_cluster_health(after.name, healthy, after.traffic(), degraded, serves)
 
     def _revisions(self, name: str, state: ServiceState, desired: Revision) -> dict[int, Revision]:
         numbers = {desired.number}
