@@ -42,7 +42,7 @@ HEADERS = {
 LOGIN = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>raygate: log in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="stylesheet" href="/static/page.css"></head>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/page.css"></head>
 <body class="login"><form method="post" action="/login" class="login-box">
 <h1><span class="logo">raygate</span></h1>
 <p>Paste the admin token (<code>.raygate/token</code>, or <code>RAYGATE_TOKEN</code>).</p>
@@ -54,7 +54,7 @@ SHELL = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="raygate-csrf" content="{csrf}">
-<link rel="stylesheet" href="/static/page.css"></head>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/page.css"></head>
 <body data-service="{service}">
 <header class="top"><a href="/" class="logo">raygate</a>
 <span id="conn" class="conn">connecting…</span>

@@ -47,9 +47,12 @@ class RateHistory:
             span = after[0] - before[0]
             if span <= 0:
                 continue
+            was, now = before[1].get(service, {}), after[1].get(service, {})
             for cluster in clusters:
-                n0, e0 = before[1].get(service, {}).get(cluster, (0, 0))
-                n1, e1 = after[1].get(service, {}).get(cluster, (0, 0))
+                if cluster not in was and cluster not in now:
+                    continue  # not counted yet (or any more): no point, rather than a 0
+                n0, e0 = was.get(cluster, (0, 0))
+                n1, e1 = now.get(cluster, (0, 0))
                 if n1 < n0:
                     n0, e0 = 0, 0
                 n, e = n1 - n0, max(0, e1 - e0)

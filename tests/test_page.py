@@ -184,3 +184,14 @@ def test_rates_between_samples() -> None:
     assert [(p["at"], p["rps"], p["error_rate"]) for p in points] == [
         (10.0, 0.0, None), (15.0, 4.0, 0.0)]  # the oldest sample fell out of the ring
     assert rates.series("other") == {}
+
+
+def test_rates_leave_out_a_cluster_before_it_is_counted() -> None:
+    rates = RateHistory()
+    one = Totals(10, 0, (float("inf"),), (10,))
+    rates.record(0.0, {"digits": {"a": one}})
+    rates.record(5.0, {"digits": {"a": one}})
+    rates.record(10.0, {"digits": {"a": one, "b": Totals(5, 5, (float("inf"),), (5,))}})
+    series = rates.series("digits")
+    assert [p["at"] for p in series["a"]] == [5.0, 10.0]
+    assert [(p["at"], p["rps"], p["error_rate"]) for p in series["b"]] == [(10.0, 1.0, 1.0)]

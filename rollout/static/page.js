@@ -79,7 +79,7 @@ async function act(name, kind, body) {
   } catch (e) {
     toast(`${kind} failed: ${e}`, true);
   }
-  poll(true);
+  poll();
 }
 
 function toast(text, bad) {
@@ -124,8 +124,13 @@ function traffic(svc) {
 
 // ---- small line chart from the sampled counters
 function chart(title, rates, key, fmt, minTop) {
-  const W = 320, H = 96, L = 4, B = 14, T = 12;
-  const now = Date.now() / 1000, span = 600;
+  const W = 480, H = 110, L = 4, B = 14, T = 12;
+  // The window grows with the samples, up to the 10 minutes kept: a young service's
+  // points spread over the whole chart instead of crowding its right edge.
+  const now = Date.now() / 1000;
+  let first = now;
+  for (const pts of Object.values(rates)) if (pts.length) first = Math.min(first, pts[0].at);
+  const span = Math.min(600, Math.max(60, now - first + 5));
   let top = minTop;
   for (const pts of Object.values(rates)) for (const p of pts) if (p[key] != null) top = Math.max(top, p[key]);
   top *= 1.15;
@@ -134,7 +139,7 @@ function chart(title, rates, key, fmt, minTop) {
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": title });
   for (const f of [0, 0.5, 1]) svg.append(s("line", { x1: L, x2: W, y1: y(top * f / 1.15), y2: y(top * f / 1.15), class: "grid" }));
   svg.append(s("text", { x: L, y: 9, class: "axis" }, fmt(top / 1.15)));
-  svg.append(s("text", { x: L, y: H - 2, class: "axis" }, "10 min ago"));
+  svg.append(s("text", { x: L, y: H - 2, class: "axis" }, span >= 120 ? `${Math.round(span / 60)} min ago` : `${Math.round(span)} s ago`));
   svg.append(s("text", { x: W, y: H - 2, class: "axis", "text-anchor": "end" }, "now"));
   let any = false;
   for (const [c, pts] of Object.entries(rates)) {
@@ -162,7 +167,8 @@ function rollout(svc) {
     const box = h("div", { class: "rollout" }, h("h3", { text: "Rollout" }));
     if (lr) {
       box.append(h("p", {}, `Last: revision ${lr.revision} `, badge(lr.result, "result")));
-      if (lr.message) box.append(h("pre", { class: `msg ${lr.result === "aborted" ? "error" : ""}`, text: lr.message }));
+      // A failed service shows the message once, above everything
+      if (lr.message && svc.phase !== "failed") box.append(message(lr.message, lr.result === "aborted"));
     } else box.append(h("p", { class: "muted", text: "no rollout yet" }));
     if (svc.analysis) box.append(analysis(svc.analysis));
     return box;
@@ -195,6 +201,14 @@ function rollout(svc) {
   return box;
 }
 
+// Serve's error, whole (scrollable), with a traceback's last line (the exception) on top
+function message(text, bad) {
+  const lines = text.split("\n").map((l) => l.trim()).filter(Boolean);
+  const last = text.includes("Traceback") && lines.length > 1 ? lines[lines.length - 1] : "";
+  return h("div", { class: "message" }, last ? h("p", { class: "exc", text: last }) : null,
+    h("pre", { class: `msg ${bad ? "error" : ""}`, text }));
+}
+
 function analysis(a) {
   return h("div", { class: "analysis" }, h("span", { class: "muted", text: "analysis " }),
     a.result ? badge(a.result, "result") : badge("waiting", "result"), " ", h("span", { text: a.message || "" }),
@@ -220,7 +234,8 @@ function history(list) {
 }
 
 function role(label, where, extra) {
-  return h("div", { class: "role" }, h("span", { class: "rl", text: label }),
+  return h("div", { class: "role", "data-role": label.toLowerCase(), "data-revision": where ? where.revision : "",
+    "data-cluster": where ? where.cluster : "" }, h("span", { class: "rl", text: label }),
     where ? h("span", {}, h("b", { text: `r${where.revision}` }), " on ", clusterName(where.cluster), extra || "")
       : h("span", { class: "muted", text: "none" }));
 }
@@ -232,7 +247,7 @@ function card(svc, detail) {
   for (const d of svc.degraded || []) warnings.push(h("p", { class: "warn", text: `${d.cluster}: ${d.message}` }));
   if (svc.phase === "failed" && svc.last_rollout && svc.last_rollout.message) {
     warnings.push(h("div", { class: "failure" }, h("b", { text: `Revision ${svc.last_rollout.revision} failed` }),
-      h("pre", { text: svc.last_rollout.message })));
+      message(svc.last_rollout.message, true)));
   }
   const retiring = (svc.retiring || []).map((r) => role("Retiring", r, ` · ${r.in_flight} in flight`));
   const el = h("section", { class: `card phase-${svc.phase}`, "data-name": svc.name, "data-phase": svc.phase },
@@ -272,8 +287,7 @@ function render(state) {
 }
 
 let timer = null;
-async function poll(once) {
-  clearTimeout(timer);
+async function poll() {
   const conn = document.getElementById("conn");
   try {
     const r = await fetch(SERVICE ? `/ui/state/${encodeURIComponent(SERVICE)}` : "/ui/state",
@@ -288,10 +302,14 @@ async function poll(once) {
     render(await r.json());
     conn.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
     conn.className = "conn ok";
+    document.body.classList.remove("stale");
   } catch (e) {
     conn.textContent = `raygate unreachable, retrying… (${e.message || e})`;
     conn.className = "conn bad";
+    document.body.classList.add("stale");  // what is shown is the last thing raygate said
   }
-  if (!once || !timer) timer = setTimeout(poll, POLL_MS);
+  // One timer, whoever called: an action's immediate poll replaces the scheduled one
+  clearTimeout(timer);
+  timer = setTimeout(poll, POLL_MS);
 }
 poll();
