@@ -1,9 +1,10 @@
 """The admin API (FastAPI): push specs, read status and history, delete services, and the
 operator's canary commands (promote, abort, pause, resume, rollback).
 
-Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>`, /openapi.json
-included; the Swagger and ReDoc pages are off (a browser cannot send the token, and they
-load scripts from a CDN into a page that holds it). A push is validated in full before
+Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>` (or the status
+page's session cookie with its CSRF header: rollout/page.py), /openapi.json included; the
+Swagger and ReDoc pages are off (a browser cannot send the token, and they load scripts from
+a CDN into a page that holds it). A push is validated in full before
 anything is written: an invalid spec, one the running provider cannot run, or a route prefix
 owned by another service changes nothing.
 

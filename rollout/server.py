@@ -364,7 +364,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
     admin = create_admin_app(
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry,
         check_spec=provider.check, ready=lambda: _ready(controller, gateway),
-        sessions=Sessions(state_dir / "sessions.json"), rates=rates,
+        sessions=Sessions(state_dir / "sessions.json", token.encode()), rates=rates,
     )  # fmt: skip
     sampling = asyncio.create_task(rates.run(metrics.all_cluster_totals))
     code = 1

@@ -8,14 +8,15 @@ PUT or DELETE must also carry the session's CSRF token in a header (the page rea
 its own HTML, which another origin cannot), and a cross-site request is refused outright
 (`Sec-Fetch-Site`, `Origin`).
 
-Only SHA-256 digests of session ids are kept, in memory and in a 0600 file in the (private)
-state dir, so that an open page keeps working when raygate restarts: it reconnects with the
-same cookie. A session ends at logout or after `ttl_s`.
+Only HMAC-SHA256 digests of session ids are kept (keyed by the token), in memory and in a
+0600 file in the (private) state dir, so that an open page keeps working when raygate
+restarts: it reconnects with the same cookie. A session ends at logout, after `ttl_s`, or
+when the token changes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import json
 import logging
 import os
@@ -42,12 +43,18 @@ class Session:
     expires: float
 
 
-def _digest(sid: str) -> str:
-    return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 class Sessions:
-    def __init__(self, path: Path | None = None, ttl_s: float = 12 * 3600, limit: int = 256):
+    """`key` is the admin token: session ids are kept as HMACs under it, so a rotated token
+    ends every session made with the old one (the file alone names no usable session)."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        key: bytes | None = None,
+        ttl_s: float = 12 * 3600,
+        limit: int = 256,
+    ) -> None:
+        self.key = key if key is not None else secrets.token_bytes(32)
         self.path = path
         self.ttl_s = ttl_s
         self.limit = limit
@@ -63,20 +70,20 @@ class Sessions:
             del self._by_digest[oldest]
         sid = secrets.token_urlsafe(32)
         session = Session(secrets.token_urlsafe(32), now + self.ttl_s)
-        self._by_digest[_digest(sid)] = session
+        self._by_digest[self._digest(sid)] = session
         self._save()
         return sid, session
 
     def get(self, sid: str | None, now: float | None = None) -> Session | None:
         if not sid:
             return None
-        session = self._by_digest.get(_digest(sid))
+        session = self._by_digest.get(self._digest(sid))
         if session is None or session.expires <= (time.time() if now is None else now):
             return None
         return session
 
     def drop(self, sid: str | None) -> None:
-        if sid and self._by_digest.pop(_digest(sid), None) is not None:
+        if sid and self._by_digest.pop(self._digest(sid), None) is not None:
             self._save()
 
     def of_request(self, request: Request) -> Session | None:
@@ -96,6 +103,9 @@ class Sessions:
         given = csrf if csrf is not None else request.headers.get(CSRF_HEADER, "")
         return secrets.compare_digest(given.encode("utf-8", "surrogateescape"),
                                       session.csrf.encode())  # fmt: skip
+
+    def _digest(self, sid: str) -> str:
+        return hmac.new(self.key, sid.encode("utf-8", "surrogateescape"), "sha256").hexdigest()
 
     def _expire(self, now: float) -> None:
         for d in [d for d, s in self._by_digest.items() if s.expires <= now]:

@@ -73,6 +73,10 @@ def test_status_page_follows_a_service_live_in_a_browser(tmp_path: Path) -> None
             expect(card).to_have_attribute("data-phase", "upgrading")
             expect(card.locator(".rollout .steps li.now")).to_be_visible()
             shot(page, shots, "4-pending")
+            health = card.locator(".rollout .steps li.now")
+            expect(health).to_contain_text("health gates", timeout=120_000)
+            expect(health).to_contain_text("/3 in a row")  # the streak and what it needs
+            shot(page, shots, "4b-health-gates")
             active = card.locator("[data-role=active]")
             expect(active).to_have_attribute("data-revision", "2", timeout=300_000)
             expect(card).to_have_attribute("data-phase", "live")

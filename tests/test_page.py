@@ -155,13 +155,18 @@ async def test_logout_ends_the_session(client: httpx.AsyncClient) -> None:
     assert (await client.get("/ui/state")).status_code == 401
 
 
-async def test_a_session_survives_a_restart(store: Store, tmp_path: Path) -> None:
-    async with make_client(store, Sessions(tmp_path / "sessions.json")) as first:
+async def test_a_session_survives_a_restart_not_a_new_token(store: Store, tmp_path: Path) -> None:
+    saved = tmp_path / "sessions.json"
+    async with make_client(store, Sessions(saved, TOKEN.encode())) as first:
         await login(first)
         sid = first.cookies[COOKIE]
-    async with make_client(store, Sessions(tmp_path / "sessions.json")) as second:
+    async with make_client(store, Sessions(saved, TOKEN.encode())) as second:
         second.cookies[COOKIE] = sid
         assert (await second.get("/ui/state")).status_code == 200
+    # The token rotated (raygate restarted with another): the old sessions are worth nothing
+    async with make_client(store, Sessions(saved, b"another-token")) as third:
+        third.cookies[COOKIE] = sid
+        assert (await third.get("/ui/state")).status_code == 401
 
 
 def test_sessions_expire() -> None:
