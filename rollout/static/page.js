@@ -189,7 +189,7 @@ function rollout(svc) {
       : st.pause ? (st.pause.duration_s ? `pause ${st.pause.duration_s}s` : "pause until promoted") : JSON.stringify(st);
     steps.push([`canary ${i + 1}: ${what}`, i < idx ? "done" : i === idx ? "now" : "todo"]);
   });
-  steps.push([p.kind === "new_cluster" ? "switch traffic" : "live", "todo"]);
+  steps.push([p.strategy === "canary" ? "all traffic" : p.kind === "new_cluster" ? "switch traffic" : "live", "todo"]);
   const box = h("div", { class: "rollout" },
     h("h3", {}, `Rollout to revision ${p.revision} `, badge(p.strategy || "bluegreen", "kind"), " ", badge(p.kind.replace("_", " "), "kind")),
     h("ol", { class: "steps" }, steps.map(([t, st]) => h("li", { class: st, text: t }))),
