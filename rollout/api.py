@@ -1,9 +1,10 @@
 """The admin API (FastAPI): push specs, read status and history, delete services, and the
 operator's canary commands (promote, abort, pause, resume, rollback).
 
-Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>`, /openapi.json
-included; the Swagger and ReDoc pages are off (a browser cannot send the token, and they
-load scripts from a CDN into a page that holds it). A push is validated in full before
+Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>` (or the status
+page's session cookie with its CSRF header: rollout/page.py), /openapi.json included; the
+Swagger and ReDoc pages are off (a browser cannot send the token, and they load scripts from
+a CDN into a page that holds it). A push is validated in full before
 anything is written: an invalid spec, one the running provider cannot run, or a route prefix
 owned by another service changes nothing.
 
@@ -28,7 +29,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from rollout.conflicts import route_conflicts
+from rollout.page import page_router
 from rollout.plan import COMMANDS, Analysis, Command, Hold, Pending, ServiceState, refusal
+from rollout.rates import RateHistory
+from rollout.sessions import Sessions
 from rollout.spec import ServiceSpec, SpecError, parse_spec
 from rollout.store import Store
 
@@ -190,20 +194,30 @@ def create_admin_app(
     metrics_registry: CollectorRegistry | None = None,
     check_spec: Callable[[ServiceSpec], list[tuple[str, str]]] = lambda spec: [],
     ready: Callable[[], Awaitable[str | None]] | None = None,
+    sessions: Sessions | None = None,
+    rates: RateHistory | None = None,
 ) -> FastAPI:
     """`check_spec` names what the running provider cannot run in a spec (a 422); `ready`
-    says why raygate cannot take traffic yet, None once it can (/-/ready)."""
+    says why raygate cannot take traffic yet, None once it can (/-/ready). `sessions` are
+    the status page's logins (rollout/page.py), `rates` its charts' samples."""
     app = FastAPI(
         title="raygate admin API", version="1", openapi_url=None, docs_url=None, redoc_url=None
     )
     expected = token.encode()
+    sessions = sessions if sessions is not None else Sessions()
 
-    async def auth(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         # Compared as bytes: Starlette decodes headers as latin-1, so any header round-trips,
         # and compare_digest on a non-ASCII str would raise (a 500) instead of saying no.
         header = request.headers.get("authorization", "").encode("latin-1")
         scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), expected):
+        if scheme.lower() == b"bearer" and secrets.compare_digest(given.strip(), expected):
+            return True
+        # The status page's session cookie (a CSRF header too for a change): not the token
+        return sessions.authorizes(request)
+
+    async def auth(request: Request) -> None:
+        if not authorized(request):
             raise HTTPException(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -278,6 +292,9 @@ def create_admin_app(
         except Exception as exc:
             log.warning("in-flight counts unavailable: %r", exc)
             return {}
+
+    app.include_router(page_router(store, status_of, expected, sessions, authorized,
+                                   flights_or_none, rates))  # fmt: skip
 
     @app.get("/v1/services", dependencies=guarded)
     async def list_services() -> list[dict[str, Any]]:

@@ -47,6 +47,8 @@ from rollout.providers.kuberay import (
     load_api_client,
 )
 from rollout.providers.local import LocalProvider, LocalSettings
+from rollout.rates import RateHistory
+from rollout.sessions import Sessions
 from rollout.spec import ServiceSpec
 from rollout.statedir import StateDirLock, make_private
 from rollout.store import Store
@@ -358,10 +360,13 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
                     settings.engine)  # fmt: skip
     http = httpx.AsyncClient(trust_env=False)
     controller = Controller(store, provider, gateway, http, metrics=metrics)
+    rates = RateHistory()  # the status page's charts: the gateway's counters every 5 s
     admin = create_admin_app(
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry,
         check_spec=provider.check, ready=lambda: _ready(controller, gateway),
+        sessions=Sessions(state_dir / "sessions.json", token.encode()), rates=rates,
     )  # fmt: skip
+    sampling = asyncio.create_task(rates.run(metrics.all_cluster_totals))
     code = 1
     started = False  # every listener open: from here on, a stop is a stop, not a failed start
     failed_start = False
@@ -388,6 +393,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         failed_start = not started
         raise
     finally:
+        sampling.cancel()
         # A raygate that failed to start (not one stopped while starting: Ctrl-C tears
         # down) never tears down what it found serving: an upgrade that cannot start must
         # leave the services running.
