@@ -27,8 +27,10 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from rollout import api_models as m
 from rollout.conflicts import route_conflicts
 from rollout.plan import COMMANDS, Analysis, Command, Hold, Pending, ServiceState, refusal
+from rollout.preview import held_revisions, preview
 from rollout.spec import ServiceSpec, SpecError, parse_spec
 from rollout.store import Store
 
@@ -209,16 +211,20 @@ def create_admin_app(
             )
 
     guarded = [Depends(auth)]
+    SPEC_BODY = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
+        "application/yaml": {"schema": {"type": "string"}},
+    }}}  # fmt: skip
 
     @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @app.get("/-/healthz")
+    @app.get("/-/healthz", response_model=m.Health)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/-/ready")
+    @app.get("/-/ready", **_doc(200, m.Ready, 503, auth=False))
     async def is_ready() -> JSONResponse:
         """Readiness (a Kubernetes readinessProbe): no token, and no service data."""
         why = await ready() if ready is not None else None
@@ -226,15 +232,8 @@ def create_admin_app(
             return JSONResponse({"status": "not ready", "reason": why}, 503)
         return JSONResponse({"status": "ready"})
 
-    @app.put(
-        "/v1/services/{name}",
-        dependencies=guarded,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
-            "application/yaml": {"schema": {"type": "string"}},
-        }}},
-    )  # fmt: skip
-    async def push(name: NameParam, request: Request) -> JSONResponse:
+    async def pushed_spec(name: str, request: Request) -> ServiceSpec | JSONResponse:
+        """The body of a push (or a plan) as a valid spec, or the 413/422/409 saying why not."""
         body = await read_limited(request, MAX_BODY_BYTES)
         if body is None:
             return JSONResponse(
@@ -254,6 +253,18 @@ def create_admin_app(
         conflicts = route_conflicts(spec, store.latest_specs())
         if conflicts:
             return JSONResponse({"detail": "route conflict", "errors": conflicts}, 409)
+        return spec
+
+    @app.put(
+        "/v1/services/{name}",
+        dependencies=guarded,
+        openapi_extra=SPEC_BODY,
+        **_doc((200, 202), m.PushResult, 409, 413, 422),
+    )  # fmt: skip
+    async def push(name: NameParam, request: Request) -> JSONResponse:
+        spec = await pushed_spec(name, request)
+        if isinstance(spec, JSONResponse):
+            return spec
         revision, unchanged = store.push(spec, time.time())
         wake(name)
         state = store.load(name)
@@ -270,6 +281,20 @@ def create_admin_app(
                 )
         return JSONResponse(body_out, 200 if unchanged else 202)
 
+    @app.post("/v1/services/{name}/plan", dependencies=guarded, openapi_extra=SPEC_BODY,
+              **_doc(200, m.PlanResult, 409, 413, 422))  # fmt: skip
+    async def plan_push(name: NameParam, request: Request) -> JSONResponse:
+        """What a push of this spec would do, compared with the live revision; stores
+        nothing (`raygate diff`)."""
+        spec = await pushed_spec(name, request)
+        if isinstance(spec, JSONResponse):
+            return spec
+        state = store.load(name)
+        revisions = {n: store.revision(name, n) for n in held_revisions(state)}
+        results = {h["revision"]: h["result"] for h in store.history(name)}
+        identical = store.identical(spec)
+        return JSONResponse(preview(spec, state, revisions, identical, results, time.time()))
+
     async def flights_or_none() -> Mapping[str, int]:
         # Status must answer even when the engine cannot be asked (HAProxy restarting):
         # in-flight counts then read 0 here. The controller never decides on such a read.
@@ -279,25 +304,27 @@ def create_admin_app(
             log.warning("in-flight counts unavailable: %r", exc)
             return {}
 
-    @app.get("/v1/services", dependencies=guarded)
+    @app.get("/v1/services", dependencies=guarded, **_doc(200, list[m.Status]))
     async def list_services() -> list[dict[str, Any]]:
         flights = await flights_or_none()
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
-    @app.get("/v1/services/{name}", dependencies=guarded)
+    @app.get("/v1/services/{name}", dependencies=guarded, **_doc(200, m.Status, 404))
     async def get_service(name: NameParam) -> dict[str, Any]:
         status = status_of(store, name, await flights_or_none())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status
 
-    @app.get("/v1/services/{name}/history", dependencies=guarded)
+    @app.get("/v1/services/{name}/history", dependencies=guarded,
+             **_doc(200, list[m.HistoryEntry], 404))  # fmt: skip
     async def history(name: NameParam) -> list[dict[str, Any]]:
         if store.load(name) is None:
             raise HTTPException(404, f"no service {name!r}")
         return store.history(name)
 
-    @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202)
+    @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202,
+                **_doc(202, m.Deleting, 404))  # fmt: skip
     async def delete(name: NameParam) -> dict[str, str]:
         if not store.mark_deleting(name):
             raise HTTPException(404, f"no service {name!r}")
@@ -366,12 +393,17 @@ def create_admin_app(
         app.add_api_route(
             f"/v1/services/{{name}}/{kind}", endpoint, methods=["POST"],
             dependencies=guarded, name=kind, status_code=202,
+            **_doc(202, m.CommandResult, 404, 409, 413, 422),
         )  # fmt: skip
 
     if metrics_registry is not None:
         registry = metrics_registry
 
-        @app.get("/metrics", dependencies=guarded)
+        @app.get("/metrics", dependencies=guarded, response_class=Response, responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                  "description": "Prometheus text format"},
+            401: {"model": m.Detail, "description": _ERRORS[401][1]},
+        })  # fmt: skip
         async def metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -477,6 +509,30 @@ def _inline_schema(model: type[ServiceSpec]) -> dict[str, Any]:
 
     inlined: dict[str, Any] = inline(schema)
     return inlined
+
+
+_ERRORS: dict[int, tuple[type[Any], str]] = {
+    401: (m.Detail, "missing or wrong bearer token"),
+    404: (m.Detail, "no such service"),
+    409: (m.Conflict, "a route prefix another service owns, or a command that does not apply"),
+    413: (m.Detail, "request body too large"),
+    422: (m.Invalid, "invalid spec or command: every problem, naming its field"),
+    503: (m.Ready, "not ready, and why"),
+}
+
+
+def _doc(ok: int | tuple[int, ...], model: Any, *errors: int, auth: bool = True
+         ) -> dict[str, Any]:  # fmt: skip
+    """A route's answers for the schema. `response_model=None`: the endpoint's own JSON goes
+    out as it is (a response_model would re-serialize it); the models only describe it
+    (rollout.api_models says why, and a test holds real answers to them)."""
+    codes = (*errors, 401) if auth else errors
+    oks = ok if isinstance(ok, tuple) else (ok,)
+    responses: dict[int | str, dict[str, Any]] = {code: {"model": model} for code in oks}
+    for code in codes:
+        error_model, text = _ERRORS[code]
+        responses[code] = {"model": error_model, "description": text}
+    return {"response_model": None, "responses": responses}
 
 
 def _invalid(problems: list[tuple[str, str]], detail: str = "invalid spec") -> JSONResponse:

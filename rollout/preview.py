@@ -82,6 +82,15 @@ def preview(
     return {**out, "change": change, "reasons": reasons, "strategy": strategy}
 
 
+def held_revisions(state: ServiceState | None) -> set[int]:
+    """The revisions `preview` needs: what the service's clusters run or roll out."""
+    if state is None:
+        return set()
+    held = {r.revision for r in state.retiring if r.revision is not None}
+    held |= {state.active.revision} if state.active else set()
+    return held | ({state.pending.revision} if state.pending else set())
+
+
 def _notes(
     state: ServiceState, target: Revision, revisions: Mapping[int, Revision], now: float
 ) -> list[str]:
