@@ -220,7 +220,7 @@ def create_admin_app(
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @app.get("/-/healthz", response_model=m.Health)
+    @app.get("/-/healthz", **_doc(200, m.Health, auth=False))
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
