@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from rollout.plan import Kind, Revision, ServiceState, baking_match, rollout_kind
+from rollout.plan import MAX_CLUSTERS, Kind, Revision, ServiceState, baking_match, rollout_kind
 from rollout.spec import ServiceSpec
 
 MAX_REASONS = 20  # a spec rewritten in full would list every field: the diff shows the rest
@@ -54,7 +54,7 @@ def preview(
     how = rollout_kind(state.active if state else None, live, target)
     reasons: list[str] = []
     if live is None:
-        reasons.append("no live revision: a first cluster is created")
+        reasons.append("no live revision")
     elif how.kind is Kind.NEW_CLUSTER and live.cluster_hash != target.cluster_hash:
         reasons += changes(live.spec.cluster.identity(), spec.cluster.identity(), "cluster")
     elif how.kind is Kind.NEW_CLUSTER:
@@ -68,6 +68,10 @@ def preview(
         change, reasons = "in_place", ["the live revision's spec again"]
     if state is not None:
         reasons += _notes(state, target, revisions, now)
+        held = len(state.retiring) + (1 if state.active else 0)
+        if change == Kind.NEW_CLUSTER.value and held >= MAX_CLUSTERS and state.pending is None:
+            names = ", ".join(r.cluster for r in state.retiring)
+            reasons.append(f"waits for retiring cluster {names} to be deleted first")
     canary = target.canary and change == Kind.NEW_CLUSTER.value
     upgrade = spec.upgrade
     strategy = {

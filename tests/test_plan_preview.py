@@ -5,6 +5,7 @@ kind of change, the preview says what the real planner then does after the real 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from rollout.plan import (
     Observation,
     Pending,
     Result,
+    Retiring,
     RolloutRecord,
     ServiceState,
     Step,
@@ -60,7 +62,7 @@ async def test_a_first_push_creates_a_cluster_and_nothing_is_stored(
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["change"], body["live_revision"]) == ("new_cluster", None)
-    assert body["reasons"] == ["no live revision: a first cluster is created"]
+    assert body["reasons"] == ["no live revision"]
     assert body["applications"] == [{"name": "digits", "change": "added", "deployments": [
         {"name": "DigitsClassifier", "change": "added"}]}]  # fmt: skip
     assert body["serve_diff"].startswith("--- live/none\n+++ digits/serve\n")
@@ -225,3 +227,23 @@ async def test_the_preview_is_what_the_planner_then_does(
         "canary, cluster env": "new_cluster",
     }
     assert preview["change"] == expected[case]  # fmt: skip
+
+
+async def test_a_baking_cluster_and_a_full_slot_are_named(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """Revision 2 live on c2 while c1 (revision 1) bakes: revision 1's spec again goes back
+    to c1; a cluster change waits for c1 to go (two clusters at most)."""
+    live(store, spec(label="a"))
+    store.push(parse_spec(spec(label="b")), 2.0)
+    baking = Retiring("c1", 5.0, 30.0, 0.0, revision=1, bake_until=time.time() + 3600)
+    active = Active("c2", 2, parse_spec(spec()).cluster_hash())
+    put_state(store, ServiceState("digits", active, retiring=(baking,)),
+              RolloutRecord(2, Result.SUCCEEDED, "live"))  # fmt: skip
+    back = (await client.post("/v1/services/digits/plan", json=spec(label="a"))).json()
+    assert back["reasons"][-1] == ("cluster c1 still bakes revision 1: traffic goes back to it "
+                                   "at once if it is healthy (no new cluster)")  # fmt: skip
+    moved = (await client.post("/v1/services/digits/plan", json=with_env(spec(), V="2"))).json()
+    assert moved["change"] == "new_cluster"
+    assert moved["reasons"] == ["cluster.env.V added",
+                                "waits for retiring cluster c1 to be deleted first"]  # fmt: skip
