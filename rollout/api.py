@@ -1,5 +1,5 @@
-"""The admin API (FastAPI): push specs, read status and history, delete services, and the
-operator's canary commands (promote, abort, pause, resume, rollback).
+"""The admin API (FastAPI): push specs (or preview one: `/plan`), read status and history,
+delete services, and the operator's canary commands (promote, abort, pause, resume, rollback).
 
 Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>`, /openapi.json
 included; the Swagger and ReDoc pages are off (a browser cannot send the token, and they
