@@ -259,7 +259,7 @@ def create_admin_app(
         "/v1/services/{name}",
         dependencies=guarded,
         openapi_extra=SPEC_BODY,
-        **_doc((200, 202), m.PushResult, 409, 413, 422),
+        **_doc((200, 202), m.PushResult, 400, 409, 413, 422),
     )  # fmt: skip
     async def push(name: NameParam, request: Request) -> JSONResponse:
         spec = await pushed_spec(name, request)
@@ -282,7 +282,7 @@ def create_admin_app(
         return JSONResponse(body_out, 200 if unchanged else 202)
 
     @app.post("/v1/services/{name}/plan", dependencies=guarded, openapi_extra=SPEC_BODY,
-              **_doc(200, m.PlanResult, 409, 413, 422))  # fmt: skip
+              **_doc(200, m.PlanResult, 400, 409, 413, 422))  # fmt: skip
     async def plan_push(name: NameParam, request: Request) -> JSONResponse:
         """What a push of this spec would do, compared with the live revision; stores
         nothing (`raygate diff`)."""
@@ -393,7 +393,7 @@ def create_admin_app(
         app.add_api_route(
             f"/v1/services/{{name}}/{kind}", endpoint, methods=["POST"],
             dependencies=guarded, name=kind, status_code=202,
-            **_doc(202, m.CommandResult, 404, 409, 413, 422),
+            **_doc(202, m.CommandResult, 400, 404, 409, 413, 422),
         )  # fmt: skip
 
     if metrics_registry is not None:
@@ -512,6 +512,7 @@ def _inline_schema(model: type[ServiceSpec]) -> dict[str, Any]:
 
 
 _ERRORS: dict[int, tuple[type[Any], str]] = {
+    400: (m.Detail, "a Content-Length that is not a number"),
     401: (m.Detail, "missing or wrong bearer token"),
     404: (m.Detail, "no such service"),
     409: (m.Conflict, "a route prefix another service owns, or a command that does not apply"),

@@ -37,9 +37,10 @@ OK = "200"
 EXPECTED: dict[tuple[str, str], dict[str, str]] = {
     ("get", "/-/healthz"): {OK: "Health"},
     ("get", "/-/ready"): {OK: "Ready", "503": "Ready"},
-    ("put", "/v1/services/{name}"): {OK: "PushResult", "202": "PushResult", "401": "Detail",
-                                     "409": "Conflict", "413": "Detail", "422": "Invalid"},
-    ("post", "/v1/services/{name}/plan"): {OK: "PlanResult", "401": "Detail",
+    ("put", "/v1/services/{name}"): {OK: "PushResult", "202": "PushResult", "400": "Detail",
+                                     "401": "Detail", "409": "Conflict", "413": "Detail",
+                                     "422": "Invalid"},
+    ("post", "/v1/services/{name}/plan"): {OK: "PlanResult", "400": "Detail", "401": "Detail",
                                            "409": "Conflict", "413": "Detail", "422": "Invalid"},
     ("get", "/v1/services"): {OK: "Status[]", "401": "Detail"},
     ("get", "/v1/services/{name}"): {OK: "Status", "401": "Detail", "404": "Detail"},
@@ -47,8 +48,8 @@ EXPECTED: dict[tuple[str, str], dict[str, str]] = {
                                              "404": "Detail"},
     ("delete", "/v1/services/{name}"): {"202": "Deleting", "401": "Detail", "404": "Detail"},
     **{("post", f"/v1/services/{{name}}/{kind}"): {
-        "202": "CommandResult", "401": "Detail", "404": "Detail", "409": "Conflict",
-        "413": "Detail", "422": "Invalid"}
+        "202": "CommandResult", "400": "Detail", "401": "Detail", "404": "Detail",
+        "409": "Conflict", "413": "Detail", "422": "Invalid"}
        for kind in ("promote", "abort", "pause", "resume", "rollback")},
 }  # fmt: skip
 
@@ -147,6 +148,7 @@ async def test_real_answers_of_every_route_hold_to_their_models(
     await c.put("/v1/services/digits", json={"name": "digits", "serve": {}})
     await c.put("/v1/services/other", json=spec(name="other"))
     await c.put("/v1/services/digits", content=b"x" * (2 * 1024 * 1024))
+    await c.put("/v1/services/digits", content=b"{}", headers={"Content-Length": "two"})
     await c.post("/v1/services/digits/promote", json={"full": 1})
     await c.post("/v1/services/digits/promote")  # nothing to promote: 409
 
