@@ -385,15 +385,20 @@ def create_admin_app(
         return JSONResponse(status, 202)
 
     # One route per command (not `/{command}`): each is listed in the schema by name.
-    for kind in (*COMMANDS, "rollback"):
-
-        async def endpoint(name: NameParam, request: Request, kind: str = kind) -> JSONResponse:
+    # The kind is bound by a closure: an endpoint's default argument would be a query
+    # parameter too (`/pause?kind=abort` aborted).
+    def command_endpoint(kind: str) -> Callable[[str, Request], Awaitable[JSONResponse]]:
+        async def endpoint(name: NameParam, request: Request) -> JSONResponse:
             return await command(name, request, kind)
 
+        return endpoint
+
+    for kind in (*COMMANDS, "rollback"):
         app.add_api_route(
-            f"/v1/services/{{name}}/{kind}", endpoint, methods=["POST"],
+            f"/v1/services/{{name}}/{kind}", command_endpoint(kind), methods=["POST"],
             dependencies=guarded, name=kind, status_code=202,
             **_doc(202, m.CommandResult, 400, 404, 409, 413, 422),
+            openapi_extra=_command_body(kind),
         )  # fmt: skip
 
     if metrics_registry is not None:
@@ -520,6 +525,18 @@ _ERRORS: dict[int, tuple[type[Any], str]] = {
     422: (m.Invalid, "invalid spec or command: every problem, naming its field"),
     503: (m.Ready, "not ready, and why"),
 }
+
+
+def _command_body(kind: str) -> dict[str, Any]:
+    """A command's optional JSON body for the schema, from COMMAND_FIELDS (what is checked)."""
+    props: dict[str, Any] = {}
+    for key, want in COMMAND_FIELDS[kind].items():
+        props[key] = (
+            {"type": "boolean"} if want is bool
+            else {"type": "integer", "minimum": 1, "maximum": MAX_REVISION}
+        )  # fmt: skip
+    schema = {"type": "object", "properties": props, "additionalProperties": False}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
 
 def _doc(ok: int | tuple[int, ...], model: Any, *errors: int, auth: bool = True

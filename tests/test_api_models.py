@@ -20,6 +20,7 @@ from rollout.api import create_admin_app
 from rollout.plan import (
     Active,
     Canary,
+    Command,
     Kind,
     Pending,
     Result,
@@ -181,3 +182,22 @@ async def test_real_answers_of_every_route_hold_to_their_models(
     # Every route, and each error shape, was seen at least once for real.
     assert {(m, p) for m, p, _ in check.seen} == set(EXPECTED)
     assert {code for _, _, code in check.seen} == {code for _, _, code in documented}
+
+
+async def test_a_command_takes_its_kind_from_its_path_never_from_a_query(
+    checked: tuple[httpx.AsyncClient, Store, Checked],
+) -> None:
+    """`POST .../pause?kind=abort` pauses (it once aborted: the endpoint's bound `kind` was a
+    query parameter too), and `?kind=nope` is no 500."""
+    c, store, _ = checked
+    await c.put("/v1/services/digits", json=spec())
+    put_state(store, ServiceState("digits", Active("c1", 1, "h1")),
+              RolloutRecord(1, Result.SUCCEEDED, "live"))  # fmt: skip
+    await c.put("/v1/services/digits", json=canary_spec())
+    put_state(store, canary_state(Canary(1, 20, 6.0)))
+    r = await c.post("/v1/services/digits/pause", params={"kind": "abort"})
+    assert r.status_code == 202, r.text
+    state = store.load("digits")
+    assert state is not None and state.commands == (Command("pause", False),)
+    r = await c.post("/v1/services/digits/resume", params={"kind": "nope"})
+    assert r.status_code == 409, r.text  # resume does not apply: not paused yet (queued)
