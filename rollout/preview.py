@@ -48,8 +48,10 @@ def preview(
             why = f"identical to live revision {identical_to}"
         elif state is not None and state.pending and state.pending.revision == identical_to:
             why = f"identical to revision {identical_to}, rolling out now"
-        else:
+        elif result in ("aborted", "rolled_back"):  # not tried again (plan._failed)
             why = f"identical to revision {identical_to} ({result}): change the spec to try again"
+        else:
+            why = f"identical to revision {identical_to} ({result}), the newest pushed"
         return {**out, "change": "none", "reasons": [why], "strategy": None}
     how = rollout_kind(state.active if state else None, live, target)
     reasons: list[str] = []
@@ -64,8 +66,8 @@ def preview(
     if len(reasons) > MAX_REASONS:
         reasons[MAX_REASONS:] = [f"... and {len(reasons) - MAX_REASONS} more"]
     change = how.kind.value
-    if live is not None and not reasons:  # same spec as live, a newer one is pushed
-        change, reasons = "in_place", ["the live revision's spec again"]
+    if not reasons:  # in place: the live spec again, while a newer one rolls out or failed
+        reasons = ["the live revision's spec again"]
     if state is not None:
         reasons += _notes(state, target, revisions, now)
         held = len(state.retiring) + (1 if state.active else 0)

@@ -247,3 +247,22 @@ async def test_a_baking_cluster_and_a_full_slot_are_named(
     assert moved["change"] == "new_cluster"
     assert moved["reasons"] == ["cluster.env.V added",
                                 "waits for retiring cluster c1 to be deleted first"]  # fmt: skip
+
+
+async def test_the_live_spec_after_a_failed_push_is_in_place_as_the_planner_does(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    live(store, spec(label="a"))
+    store.push(parse_spec(spec(label="b")), 2.0)
+    active = Active("c1", 1, parse_spec(spec()).cluster_hash())
+    put_state(store, ServiceState("digits", active, failed_up_to=2),
+              RolloutRecord(2, Result.ABORTED, "health timed out"))  # fmt: skip
+    body = (await client.post("/v1/services/digits/plan", json=spec(label="a"))).json()
+    assert (body["change"], body["reasons"]) == ("in_place", ["the live revision's spec again"])
+    assert (await client.put("/v1/services/digits", json=spec(label="a"))).status_code == 202
+    state = store.load("digits")
+    assert state is not None
+    revisions = {n: store.revision("digits", n) for n in (1, 3)}
+    seen = Observation({"c1": ClusterObservation(Liveness.UP, Health.OK)})
+    pending = plan(state, revisions[3], revisions, seen, 10.0, "c2").state.pending
+    assert pending is not None and pending.kind is Kind.IN_PLACE
