@@ -1,5 +1,5 @@
-"""The admin API (FastAPI): push specs, read status and history, delete services, and the
-operator's canary commands (promote, abort, pause, resume, rollback).
+"""The admin API (FastAPI): push specs (or preview one: `/plan`), read status and history,
+delete services, and the operator's canary commands (promote, abort, pause, resume, rollback).
 
 Every route but /-/healthz and /-/ready needs `Authorization: Bearer <token>` (or the status
 page's session cookie with its CSRF header: rollout/page.py), /openapi.json included; the
@@ -28,9 +28,11 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from rollout import api_models as m
 from rollout.conflicts import route_conflicts
 from rollout.page import page_router
 from rollout.plan import COMMANDS, Analysis, Command, Hold, Pending, ServiceState, refusal
+from rollout.preview import held_revisions, preview
 from rollout.rates import RateHistory
 from rollout.sessions import Sessions
 from rollout.spec import ServiceSpec, SpecError, parse_spec
@@ -223,16 +225,20 @@ def create_admin_app(
             )
 
     guarded = [Depends(auth)]
+    SPEC_BODY = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
+        "application/yaml": {"schema": {"type": "string"}},
+    }}}  # fmt: skip
 
     @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
-    @app.get("/-/healthz")
+    @app.get("/-/healthz", **_doc(200, m.Health, auth=False))
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/-/ready")
+    @app.get("/-/ready", **_doc(200, m.Ready, 503, auth=False))
     async def is_ready() -> JSONResponse:
         """Readiness (a Kubernetes readinessProbe): no token, and no service data."""
         why = await ready() if ready is not None else None
@@ -240,15 +246,8 @@ def create_admin_app(
             return JSONResponse({"status": "not ready", "reason": why}, 503)
         return JSONResponse({"status": "ready"})
 
-    @app.put(
-        "/v1/services/{name}",
-        dependencies=guarded,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": _inline_schema(ServiceSpec), "example": EXAMPLE},
-            "application/yaml": {"schema": {"type": "string"}},
-        }}},
-    )  # fmt: skip
-    async def push(name: NameParam, request: Request) -> JSONResponse:
+    async def pushed_spec(name: str, request: Request) -> ServiceSpec | JSONResponse:
+        """The body of a push (or a plan) as a valid spec, or the 413/422/409 saying why not."""
         body = await read_limited(request, MAX_BODY_BYTES)
         if body is None:
             return JSONResponse(
@@ -268,6 +267,18 @@ def create_admin_app(
         conflicts = route_conflicts(spec, store.latest_specs())
         if conflicts:
             return JSONResponse({"detail": "route conflict", "errors": conflicts}, 409)
+        return spec
+
+    @app.put(
+        "/v1/services/{name}",
+        dependencies=guarded,
+        openapi_extra=SPEC_BODY,
+        **_doc((200, 202), m.PushResult, 400, 409, 413, 422),
+    )  # fmt: skip
+    async def push(name: NameParam, request: Request) -> JSONResponse:
+        spec = await pushed_spec(name, request)
+        if isinstance(spec, JSONResponse):
+            return spec
         revision, unchanged = store.push(spec, time.time())
         wake(name)
         state = store.load(name)
@@ -284,6 +295,20 @@ def create_admin_app(
                 )
         return JSONResponse(body_out, 200 if unchanged else 202)
 
+    @app.post("/v1/services/{name}/plan", dependencies=guarded, openapi_extra=SPEC_BODY,
+              **_doc(200, m.PlanResult, 400, 409, 413, 422))  # fmt: skip
+    async def plan_push(name: NameParam, request: Request) -> JSONResponse:
+        """What a push of this spec would do, compared with the live revision; stores
+        nothing (`raygate diff`)."""
+        spec = await pushed_spec(name, request)
+        if isinstance(spec, JSONResponse):
+            return spec
+        state = store.load(name)
+        revisions = {n: store.revision(name, n) for n in held_revisions(state)}
+        results = {h["revision"]: h["result"] for h in store.history(name)}
+        identical = store.identical(spec)
+        return JSONResponse(preview(spec, state, revisions, identical, results, time.time()))
+
     async def flights_or_none() -> Mapping[str, int]:
         # Status must answer even when the engine cannot be asked (HAProxy restarting):
         # in-flight counts then read 0 here. The controller never decides on such a read.
@@ -296,25 +321,27 @@ def create_admin_app(
     app.include_router(page_router(store, status_of, expected, sessions, authorized,
                                    flights_or_none, rates))  # fmt: skip
 
-    @app.get("/v1/services", dependencies=guarded)
+    @app.get("/v1/services", dependencies=guarded, **_doc(200, list[m.Status]))
     async def list_services() -> list[dict[str, Any]]:
         flights = await flights_or_none()
         return [s for n in store.service_names() if (s := status_of(store, n, flights))]
 
-    @app.get("/v1/services/{name}", dependencies=guarded)
+    @app.get("/v1/services/{name}", dependencies=guarded, **_doc(200, m.Status, 404))
     async def get_service(name: NameParam) -> dict[str, Any]:
         status = status_of(store, name, await flights_or_none())
         if status is None:
             raise HTTPException(404, f"no service {name!r}")
         return status
 
-    @app.get("/v1/services/{name}/history", dependencies=guarded)
+    @app.get("/v1/services/{name}/history", dependencies=guarded,
+             **_doc(200, list[m.HistoryEntry], 404))  # fmt: skip
     async def history(name: NameParam) -> list[dict[str, Any]]:
         if store.load(name) is None:
             raise HTTPException(404, f"no service {name!r}")
         return store.history(name)
 
-    @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202)
+    @app.delete("/v1/services/{name}", dependencies=guarded, status_code=202,
+                **_doc(202, m.Deleting, 404))  # fmt: skip
     async def delete(name: NameParam) -> dict[str, str]:
         if not store.mark_deleting(name):
             raise HTTPException(404, f"no service {name!r}")
@@ -375,20 +402,30 @@ def create_admin_app(
         return JSONResponse(status, 202)
 
     # One route per command (not `/{command}`): each is listed in the schema by name.
-    for kind in (*COMMANDS, "rollback"):
-
-        async def endpoint(name: NameParam, request: Request, kind: str = kind) -> JSONResponse:
+    # The kind is bound by a closure: an endpoint's default argument would be a query
+    # parameter too (`/pause?kind=abort` aborted).
+    def command_endpoint(kind: str) -> Callable[[str, Request], Awaitable[JSONResponse]]:
+        async def endpoint(name: NameParam, request: Request) -> JSONResponse:
             return await command(name, request, kind)
 
+        return endpoint
+
+    for kind in (*COMMANDS, "rollback"):
         app.add_api_route(
-            f"/v1/services/{{name}}/{kind}", endpoint, methods=["POST"],
+            f"/v1/services/{{name}}/{kind}", command_endpoint(kind), methods=["POST"],
             dependencies=guarded, name=kind, status_code=202,
+            **_doc(202, m.CommandResult, 400, 404, 409, 413, 422),
+            openapi_extra=_command_body(kind),
         )  # fmt: skip
 
     if metrics_registry is not None:
         registry = metrics_registry
 
-        @app.get("/metrics", dependencies=guarded)
+        @app.get("/metrics", dependencies=guarded, response_class=Response, responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                  "description": "Prometheus text format"},
+            401: {"model": m.Detail, "description": _ERRORS[401][1]},
+        })  # fmt: skip
         async def metrics() -> Response:
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -494,6 +531,43 @@ def _inline_schema(model: type[ServiceSpec]) -> dict[str, Any]:
 
     inlined: dict[str, Any] = inline(schema)
     return inlined
+
+
+_ERRORS: dict[int, tuple[type[Any], str]] = {
+    400: (m.Detail, "a Content-Length that is not a number"),
+    401: (m.Detail, "missing or wrong bearer token"),
+    404: (m.Detail, "no such service"),
+    409: (m.Conflict, "a route prefix another service owns, or a command that does not apply"),
+    413: (m.Detail, "request body too large"),
+    422: (m.Invalid, "invalid spec or command: every problem, naming its field"),
+    503: (m.Ready, "not ready, and why"),
+}
+
+
+def _command_body(kind: str) -> dict[str, Any]:
+    """A command's optional JSON body for the schema, from COMMAND_FIELDS (what is checked)."""
+    props: dict[str, Any] = {}
+    for key, want in COMMAND_FIELDS[kind].items():
+        props[key] = (
+            {"type": "boolean"} if want is bool
+            else {"type": "integer", "minimum": 1, "maximum": MAX_REVISION}
+        )  # fmt: skip
+    schema = {"type": "object", "properties": props, "additionalProperties": False}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+def _doc(ok: int | tuple[int, ...], model: Any, *errors: int, auth: bool = True
+         ) -> dict[str, Any]:  # fmt: skip
+    """A route's answers for the schema. `response_model=None`: the endpoint's own JSON goes
+    out as it is (a response_model would re-serialize it); the models only describe it
+    (rollout.api_models says why, and a test holds real answers to them)."""
+    codes = (*errors, 401) if auth else errors
+    oks = ok if isinstance(ok, tuple) else (ok,)
+    responses: dict[int | str, dict[str, Any]] = {code: {"model": model} for code in oks}
+    for code in codes:
+        error_model, text = _ERRORS[code]
+        responses[code] = {"model": error_model, "description": text}
+    return {"response_model": None, "responses": responses}
 
 
 def _invalid(problems: list[tuple[str, str]], detail: str = "invalid spec") -> JSONResponse:

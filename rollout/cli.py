@@ -1,5 +1,5 @@
 """The `raygate` command: `up` runs everything in the foreground, `down` tears down what an
-`up --on-exit keep` left; `push`, `status`, `history`, `delete` and the canary commands
+`up --on-exit keep` left; `push`, `diff`, `status`, `history`, `delete` and the canary commands
 (`promote`, `abort`, `pause`, `resume`, `rollback`) talk to the admin API with httpx."""
 
 from __future__ import annotations
@@ -125,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--timeout", type=float, default=900.0)
     client(push)
     push.set_defaults(func=_push)
+
+    diff = sub.add_parser("diff", help="what a push of SPEC would do, against the live "
+                          "revision (exit 0: nothing, 1: a change, 2: invalid spec)")  # fmt: skip
+    diff.add_argument("spec", type=Path)
+    diff.add_argument("--service", metavar="NAME",
+                      help="preview the spec as service NAME (its `name` replaced)")  # fmt: skip
+    client(diff)
+    diff.set_defaults(func=_diff)
 
     status = sub.add_parser("status", help="show services")
     status.add_argument("name", nargs="?")
@@ -376,6 +384,18 @@ def _progress(s: dict[str, Any]) -> str:
         msg = (p.get("message") or "").splitlines()[0][:100] if p.get("message") else ""
         return f"{s['phase']}: revision {p['revision']} {p['step']} on {p['cluster']} {msg}"
     return f"{s['phase']}"
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from rollout.cli_diff import diff
+
+    try:
+        client = _client(args)
+    except SystemExit as exc:  # no token: trouble is 2 for `diff`, as for diff(1)
+        print(exc, file=sys.stderr)
+        return 2
+    with client:
+        return diff(args, client)
 
 
 def _status(args: argparse.Namespace) -> int:

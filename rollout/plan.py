@@ -591,11 +591,8 @@ def _start(
     if _back_to_baking(b, target, revisions, observed, now):
         return
     s = b.state
-    in_place = s.active is not None and s.active.cluster_hash == target.cluster_hash
-    running = revisions.get(s.active.revision) if s.active is not None else None
-    # A push that changes nothing the clusters run (only `upgrade`, say) is no canary.
-    canary = target.canary and not (running is not None and running.same_as(target))
-    if in_place and not canary and s.active is not None:
+    how = rollout_kind(s.active, revisions.get(s.active.revision) if s.active else None, target)
+    if how.kind is Kind.IN_PLACE and s.active is not None:
         _end_bake(b, target.number, now)
         b.set(
             pending=Pending(
@@ -627,10 +624,28 @@ def _start(
         b.event(f"rollout of revision {target.number} aborted: {message}")
         return
     b.new_cluster(target.number, target.cluster_hash, new_id, now)
-    why = "cluster spec changed" if s.active is not None else "no running cluster"
-    if in_place:  # strategy canary: an in-place update cannot be a canary
+    b.event(f"revision {target.number}: {how.why}, creating cluster {new_id}")
+
+
+@dataclass(frozen=True)
+class HowRolled:
+    kind: Kind
+    why: str  # for a new cluster: why the active one cannot be updated in place
+
+
+def rollout_kind(active: Active | None, running: Revision | None, target: Revision) -> HowRolled:
+    """How `target` rolls out over the active cluster (running revision `running`): the one
+    rule, used by `_start` and by the plan preview (`rollout.preview`). Same cluster hash:
+    in place, unless a canary, which needs a cluster of its own."""
+    if active is None:
+        return HowRolled(Kind.NEW_CLUSTER, "no running cluster")
+    if active.cluster_hash != target.cluster_hash:
+        return HowRolled(Kind.NEW_CLUSTER, "cluster spec changed")
+    # A push that changes nothing the clusters run (only `upgrade`, say) is no canary.
+    if target.canary and not (running is not None and running.same_as(target)):
         why = "serve-only change with strategy canary (a canary needs a cluster of its own)"
-    b.event(f"revision {target.number}: {why}, creating cluster {new_id}")
+        return HowRolled(Kind.NEW_CLUSTER, why)
+    return HowRolled(Kind.IN_PLACE, "serve-only change")
 
 
 def _advance(
@@ -1101,15 +1116,10 @@ def _back_to_baking(
     """A revision whose cluster still runs (baking, weight 0) comes back by a weight change,
     no new cluster (`raygate rollback` in the bake window, or the old spec pushed again)."""
     s = b.state
-    if s.active is None:
-        return False
-    for r in s.retiring:
-        if not r.baking(now) or r.revision not in revisions or r.revision is None:
-            continue
-        if not revisions[r.revision].same_as(target):
-            continue
+    for r in baking_match(s, target, revisions, now):
         if not _can_take_back(observed.of(r.cluster)):
             return False
+        assert s.active is not None  # baking_match: only beside an active cluster
         replaced = s.active.revision
         _swap_back(b, r, target.number, target, revisions, now)
         b.finished.append(RolloutRecord(replaced, Result.ROLLED_BACK,
@@ -1120,6 +1130,20 @@ def _back_to_baking(
         b.event(f"revision {target.number}: traffic back on {r.cluster} at once")
         return True
     return False
+
+
+def baking_match(
+    state: ServiceState, target: Revision, revisions: Mapping[int, Revision], now: float
+) -> list[Retiring]:
+    """The retiring clusters, still baking, that run what `target` runs: one of them takes
+    the traffic back instead of a rollout (if it can, `_can_take_back`)."""
+    if state.active is None:
+        return []
+    return [
+        r for r in state.retiring
+        if r.baking(now) and r.revision is not None and r.revision in revisions
+        and revisions[r.revision].same_as(target)
+    ]  # fmt: skip
 
 
 # ---- commands ----------------------------------------------------------------------------

@@ -204,15 +204,11 @@ class Store:
         cluster it holds (the planner already retired the active one if it got there)."""
         digest = spec.spec_hash()
         with self.transaction() as db:
-            row = db.execute(
-                "SELECT number, spec_hash FROM revisions WHERE service=? ORDER BY number DESC",
-                (spec.name,),
-            ).fetchone()
-            service = db.execute("SELECT state FROM services WHERE name=?", (spec.name,)).fetchone()
-            deleting = service is not None and _from_json(service[0]).deleting
-            if row is not None and row[1] == digest and service is not None and not deleting:
-                return int(row[0]), True
-            number = (int(row[0]) if row else 0) + 1
+            newest, service, same = self._compare(db, spec)
+            if same and newest is not None:
+                return newest, True
+            deleting = service is not None and service.deleting
+            number = (newest or 0) + 1
             db.execute(
                 "INSERT INTO revisions (service, number, spec, spec_hash, pushed_at, result, "
                 "message) VALUES (?,?,?,?,?,?,?)",
@@ -224,11 +220,34 @@ class Store:
                     (spec.name, _to_json(ServiceState(spec.name)), now),
                 )
             elif deleting:
-                state = replace(_from_json(service[0]), deleting=False)
+                state = replace(service, deleting=False)
                 self._write_state(db, state)
             else:  # a new revision: a reconcile that loaded the old version plans again
                 db.execute("UPDATE services SET version=version+1 WHERE name=?", (spec.name,))
             return number, False
+
+    def identical(self, spec: ServiceSpec) -> int | None:
+        """The revision a push of `spec` would be a no-op against (the plan preview asks)."""
+        newest, _, same = self._compare(self._db, spec)
+        return newest if same else None
+
+    @staticmethod
+    def _compare(
+        db: sqlite3.Connection, spec: ServiceSpec
+    ) -> tuple[int | None, ServiceState | None, bool]:
+        """(newest revision, state, same): a push is a no-op when identical to the newest
+        revision of a service that is not being deleted (a push takes a deletion back)."""
+        row = db.execute(
+            "SELECT number, spec_hash FROM revisions WHERE service=? ORDER BY number DESC",
+            (spec.name,),
+        ).fetchone()
+        service = db.execute("SELECT state FROM services WHERE name=?", (spec.name,)).fetchone()
+        state = _from_json(service[0]) if service is not None else None
+        same = (
+            row is not None and state is not None and not state.deleting
+            and row[1] == spec.spec_hash()
+        )  # fmt: skip
+        return (int(row[0]) if row else None), state, same
 
     @staticmethod
     def _write_state(db: sqlite3.Connection, state: ServiceState) -> None:

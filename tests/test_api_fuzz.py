@@ -1,4 +1,5 @@
-"""The admin API fuzzed from its own OpenAPI schema (schemathesis): no input gets a 5xx.
+"""The admin API fuzzed from its own OpenAPI schema (schemathesis): no input gets a 5xx, and
+every answer has a status code and a body the schema documents for its route.
 
 The API runs in a real uvicorn on loopback, on its own thread and event loop, over a real
 Store created on that thread (SQLite's connection must stay on it); `wake` and `in_flight` are
@@ -95,7 +96,11 @@ schema = schemathesis.pytest.from_fixture("admin_schema")
 def test_no_input_is_a_server_error(case: Any) -> None:
     case.call_and_validate(
         headers=AUTH,
-        checks=[schemathesis.checks.not_a_server_error],
+        checks=[
+            schemathesis.checks.not_a_server_error,
+            schemathesis.checks.response_schema_conformance,
+            schemathesis.checks.status_code_conformance,
+        ],
         timeout=30,
     )
 
