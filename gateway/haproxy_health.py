@@ -1,0 +1,108 @@
+"""What HAProxy's health checks say of each cluster, in raygate's words.
+
+HAProxy checks every cluster's Serve proxy (`option httpchk`) and says so on stderr, in its
+names: `Server rt:digits/rg-1a2b is DOWN, reason: Layer4 connection problem ...`, then the
+same for the chunked twin (`ck:digits`), for every other route of the service on that
+cluster, and again from each new worker after a reload. Those lines go to HAProxy's log file
+(`Master.spawn`); a user is told once per change, per service and cluster, from the state
+itself: the current worker's `show stat` rows, mapped back through the names the gateway
+gave them (`haproxy_names`). The state, not the lines: it is the worker that routes, it is
+there for a master adopted from a previous raygate, and it does not repeat per backend or
+per reload.
+
+Pure functions: the engine polls the rows and logs what `changes` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from gateway.routes import Route
+
+Key = tuple[str, str]  # (service, cluster)
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    up: bool
+    reason: str  # HAProxy's words for the last check: "Layer4 connection problem: ..."
+    alone: tuple[str, ...] = ()  # route prefixes left without a healthy cluster with weight
+
+
+@dataclass(frozen=True)
+class HealthChange:
+    service: str
+    cluster: str
+    health: ClusterHealth
+
+    @property
+    def message(self) -> str:
+        h = self.health
+        if h.up:
+            return (f"{self.service}: cluster {self.cluster}'s Serve proxy passes HAProxy's "
+                    "health check again: it takes its share of requests")  # fmt: skip
+        text = (f"{self.service}: cluster {self.cluster}'s Serve proxy fails HAProxy's health "
+                f"check ({h.reason}): it gets no requests until it passes")  # fmt: skip
+        if h.alone:
+            have = "has" if len(h.alone) == 1 else "have"
+            text += f"; {', '.join(h.alone)} {have} no other healthy cluster: requests get 503"
+        return text
+
+
+def _reason(row: Mapping[str, str]) -> str:
+    desc = row.get("check_desc") or row.get("check_status", "").lstrip("* ")
+    code = row.get("check_code") or ""
+    detail = row.get("last_chk") or ""
+    return desc + (f", HTTP {code}" if code else "") + (f": {detail}" if detail else "")
+
+
+def _checked(row: Mapping[str, str]) -> bool | None:
+    """True (UP) or False (DOWN) once this server's own check has a result; None for a
+    server without a check of its own (a chunked twin tracks its route's server), one whose
+    first check has not finished (a new worker), or one in maintenance."""
+    check = (row.get("check_status") or "").lstrip("* ")
+    if not check or check.startswith("INI"):
+        return None
+    status = (row.get("status") or "").split(" ")[0]
+    return {"UP": True, "DOWN": False}.get(status)
+
+
+def cluster_health(
+    rows: Iterable[Mapping[str, str]], routes: Mapping[str, Route], clusters: Mapping[str, str]
+) -> dict[Key, ClusterHealth]:
+    """(service, cluster) -> its health from the current worker's server rows: DOWN when
+    any of its routes' checks fails (they all probe the same Serve proxy), UP when every
+    check that has a result passes. `routes` and `clusters` map HAProxy's backend and server
+    names back (`backends_of`, `server_names`); rows they do not know are skipped."""
+    seen: dict[Key, list[tuple[bool, str, str]]] = {}
+    healthy_with_weight: dict[str, bool] = {}  # route prefix -> some cluster takes requests
+    for row in rows:
+        route, cluster = routes.get(row.get("pxname", "")), clusters.get(row.get("svname", ""))
+        up = _checked(row)
+        if route is None or cluster is None or up is None:
+            continue
+        seen.setdefault((route.service, cluster), []).append((up, _reason(row), route.prefix))
+        takes = up and int(row.get("weight") or 0) > 0
+        healthy_with_weight[route.prefix] = healthy_with_weight.get(route.prefix, False) or takes
+    out: dict[Key, ClusterHealth] = {}
+    for key, checks in seen.items():
+        down = [(reason, prefix) for up, reason, prefix in checks if not up]
+        if not down:
+            out[key] = ClusterHealth(True, checks[0][1])
+            continue
+        alone = sorted({p for _r, p in down if not healthy_with_weight.get(p, False)})
+        out[key] = ClusterHealth(False, down[0][0], tuple(alone))
+    return out
+
+
+def changes(before: Mapping[Key, bool], now: Mapping[Key, ClusterHealth]) -> list[HealthChange]:
+    """What to tell: a cluster whose health flipped since `before` (key -> up), and one seen
+    DOWN for the first time (seen UP the first time is what is expected: nothing to say).
+    A cluster that left the table is forgotten without a word."""
+    out = []
+    for (service, cluster), health in sorted(now.items()):
+        was = before.get((service, cluster))
+        if (was is None and not health.up) or (was is not None and was != health.up):
+            out.append(HealthChange(service, cluster, health))
+    return out
