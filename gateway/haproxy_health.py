@@ -92,7 +92,9 @@ def cluster_health(
             out[key] = ClusterHealth(True, checks[0][1])
             continue
         alone = sorted({p for _r, p in down if not healthy_with_weight.get(p, False)})
-        out[key] = ClusterHealth(False, down[0][0], tuple(alone))
+        # A check under way shows no detail (`last_chk` empty): the most told reason wins.
+        reason = max((r for r, _p in down), key=len)
+        out[key] = ClusterHealth(False, reason, tuple(alone))
     return out
 
 
