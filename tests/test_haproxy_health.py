@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -22,6 +27,7 @@ from gateway.haproxy_config import HAProxySettings
 from gateway.haproxy_engine import HAProxyEngine, HAProxyError
 from gateway.haproxy_health import ClusterHealth, changes, cluster_health
 from gateway.routes import Backend, Route, RouteTable
+from tests.harness import ROOT
 from tests.loopback import free_port, until
 
 CLUSTER = "rg-7f3a"
@@ -141,6 +147,43 @@ async def test_a_haproxy_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert "cannot bind socket" in str(failed.value) or "Address in use" in str(failed.value)
     assert str(settings.log_path) in str(failed.value)
     print(failed.value)
+
+
+def test_raygate_up_keeps_haproxy_lines_off_its_terminal(tmp_path: Path) -> None:
+    """A real `raygate up --engine haproxy` (no spec: no Ray): HAProxy's start-up NOTICEs
+    are in `<state-dir>/haproxy/haproxy.log`, not in raygate's output, which names the file."""
+    state, admin_port = tmp_path / "state", free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "up", "--state-dir", str(state), "--port",
+         str(free_port()), "--admin-port", str(admin_port), "--engine", "haproxy"],
+        cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": "t" * 32}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    log_file = state / "haproxy" / "haproxy.log"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{admin_port}/-/healthz"):
+            assert proc.poll() is None and time.monotonic() < deadline, "raygate up did not start"
+            time.sleep(0.1)
+        while "Loading success" not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, "HAProxy wrote no start-up line to its log"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    text = out.decode()
+    print(text)
+    assert proc.returncode == 0, text
+    for raw in ("[NOTICE]", "[WARNING]", "New worker", "Loading success"):
+        assert raw not in text, f"HAProxy's {raw!r} on raygate's terminal:\n{text}"
+    assert f"its own messages go to {log_file}" in text
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # ---- the translation alone, on rows HAProxy 2.8 wrote (trimmed to the fields read) ---------
