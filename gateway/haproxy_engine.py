@@ -141,7 +141,7 @@ class HAProxyEngine:
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
         self._current_rows: list[dict[str, str]] | None = None  # the last poll's, current worker
-        self._health: dict[tuple[str, str], bool] = {}  # (service, cluster) -> passes checks
+        self._told_down: set[tuple[str, str]] = set()  # (service, cluster) told failing
         # Old worker pid -> the clusters it may still route to: those with weight in the
         # table in force in it when it was current (its config plus the weight changes it
         # took), which it keeps routing by (see `routed`); for an old worker found when the
@@ -539,10 +539,11 @@ class HAProxyEngine:
     def _tell_health(self, rows: list[dict[str, str]]) -> None:
         """Log, in service and cluster names, a cluster whose Serve proxy started failing
         HAProxy's health check or passes it again: once per change (`haproxy_health`)."""
-        now = cluster_health(rows, self._routes, self._clusters)
-        for change in changes(self._health, now):
+        told, self._told_down = changes(
+            self._told_down, cluster_health(rows, self._routes, self._clusters)
+        )
+        for change in told:
             (log.info if change.health.up else log.warning)("%s", change.message)
-        self._health = {key: h.up for key, h in now.items()}
 
     # ---- request log ----------------------------------------------------------------------
     async def _follow_logs(self) -> None:

@@ -10,12 +10,14 @@ gave them (`haproxy_names`). The state, not the lines: it is the worker that rou
 there for a master adopted from a previous raygate, and it does not repeat per backend or
 per reload.
 
+Only a cluster with weight is told DOWN: its failing check costs requests (see `changes`).
 Pure functions: the engine polls the rows and logs what `changes` returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from gateway.routes import Route
@@ -28,6 +30,7 @@ class ClusterHealth:
     up: bool
     reason: str  # HAProxy's words for the last check: "Layer4 connection problem: ..."
     alone: tuple[str, ...] = ()  # route prefixes left without a healthy cluster with weight
+    serving: bool = True  # has weight on some route: its failing check costs requests
 
 
 @dataclass(frozen=True)
@@ -75,36 +78,52 @@ def cluster_health(
     any of its routes' checks fails (they all probe the same Serve proxy), UP when every
     check that has a result passes. `routes` and `clusters` map HAProxy's backend and server
     names back (`backends_of`, `server_names`); rows they do not know are skipped."""
-    seen: dict[Key, list[tuple[bool, str, str]]] = {}
+    seen: dict[Key, list[tuple[bool, str, str, bool]]] = {}
     healthy_with_weight: dict[str, bool] = {}  # route prefix -> some cluster takes requests
     for row in rows:
         route, cluster = routes.get(row.get("pxname", "")), clusters.get(row.get("svname", ""))
         up = _checked(row)
         if route is None or cluster is None or up is None:
             continue
-        seen.setdefault((route.service, cluster), []).append((up, _reason(row), route.prefix))
-        takes = up and int(row.get("weight") or 0) > 0
-        healthy_with_weight[route.prefix] = healthy_with_weight.get(route.prefix, False) or takes
+        weighted = int(row.get("weight") or 0) > 0
+        seen.setdefault((route.service, cluster), []).append(
+            (up, _reason(row), route.prefix, weighted)
+        )
+        healthy_with_weight[route.prefix] = healthy_with_weight.get(route.prefix, False) or (
+            up and weighted
+        )  # fmt: skip
     out: dict[Key, ClusterHealth] = {}
     for key, checks in seen.items():
-        down = [(reason, prefix) for up, reason, prefix in checks if not up]
+        serving = any(weighted for *_rest, weighted in checks)
+        down = [(reason, prefix) for up, reason, prefix, _w in checks if not up]
         if not down:
-            out[key] = ClusterHealth(True, checks[0][1])
+            out[key] = ClusterHealth(True, checks[0][1], serving=serving)
             continue
         alone = sorted({p for _r, p in down if not healthy_with_weight.get(p, False)})
         # A check under way shows no detail (`last_chk` empty): the most told reason wins.
         reason = max((r for r, _p in down), key=len)
-        out[key] = ClusterHealth(False, reason, tuple(alone))
+        out[key] = ClusterHealth(False, reason, tuple(alone), serving)
     return out
 
 
-def changes(before: Mapping[Key, bool], now: Mapping[Key, ClusterHealth]) -> list[HealthChange]:
-    """What to tell: a cluster whose health flipped since `before` (key -> up), and one seen
-    DOWN for the first time (seen UP the first time is what is expected: nothing to say).
-    A cluster that left the table is forgotten without a word."""
+def changes(
+    told_down: AbstractSet[Key], now: Mapping[Key, ClusterHealth]
+) -> tuple[list[HealthChange], set[Key]]:
+    """What to tell, and the clusters told DOWN since. A cluster is told DOWN once, when its
+    check fails while it has weight: a pending cluster at weight 0 whose Serve proxy is
+    still starting (it is in the table before it takes traffic) or a retiring one going
+    away is raygate's own business, which it reports in its own steps. It is told UP once,
+    when it passes again after it was told DOWN. A cluster that left the table is forgotten
+    without a word."""
     out = []
-    for (service, cluster), health in sorted(now.items()):
-        was = before.get((service, cluster))
-        if (was is None and not health.up) or (was is not None and was != health.up):
-            out.append(HealthChange(service, cluster, health))
-    return out
+    down = set()
+    for key, health in sorted(now.items()):
+        if health.up:
+            if key in told_down:
+                out.append(HealthChange(*key, health))
+            continue
+        if key not in told_down and health.serving:
+            out.append(HealthChange(*key, health))
+        if key in told_down or health.serving:
+            down.add(key)
+    return out, down

@@ -68,9 +68,14 @@ async def proxy() -> AsyncIterator[ServeProxy]:
     await p.stop()
 
 
+PENDING = f"http://127.0.0.1:{free_port()}"  # a pending cluster's proxy, not up: no listener
+
+
 def routes(url: str, *prefixes: str) -> RouteTable:
-    backend = (Backend(CLUSTER, url, 1),)
-    return RouteTable(tuple(Route(p, "digits", p.strip("/"), backend) for p in prefixes))
+    """`CLUSTER` takes the traffic; "rg-pending" is in the table at weight 0 (as a pending
+    cluster is before its switch) and its check never passes."""
+    backends = (Backend(CLUSTER, url, 1), Backend("rg-pending", PENDING, 0))
+    return RouteTable(tuple(Route(p, "digits", p.strip("/"), backends) for p in prefixes))
 
 
 def said(caplog: pytest.LogCaptureFixture, words: str) -> int:
@@ -119,6 +124,8 @@ async def test_a_cluster_failing_its_check_is_told_once_in_raygate_words(
     print("\n".join(told))
     assert said(caplog, DOWN_WORDS) == 1, told
     assert said(caplog, UP_WORDS) == 1, told
+    assert said(caplog, "rg-pending") == 0, "a cluster at weight 0 is raygate's business"
+    assert "Server rt:a/rg-pending is DOWN" in raw.read_text()
     down = next(r for r in caplog.records if DOWN_WORDS in r.getMessage())
     assert down.levelno == logging.WARNING
     # (HAProxy's detail, "Connection refused", is blank while a check is under way)
@@ -215,8 +222,24 @@ def test_down_on_any_route_is_down_and_up_on_every_route_is_up() -> None:
 def test_changes_are_told_once_and_a_first_up_is_not_told() -> None:
     key = ("digits", CLUSTER)
     down, up = ClusterHealth(False, "x"), ClusterHealth(True, "y")
-    assert changes({}, {key: up}) == []
-    assert [c.health for c in changes({}, {key: down})] == [down]
-    assert changes({key: False}, {key: down}) == []
-    assert [c.health.up for c in changes({key: False}, {key: up})] == [True]
-    assert changes({key: True}, {}) == []  # left the table: nothing to say
+    assert changes(set(), {key: up}) == ([], set())
+    told, told_down = changes(set(), {key: down})
+    assert [c.health for c in told] == [down] and told_down == {key}
+    assert changes({key}, {key: down}) == ([], {key})
+    told, told_down = changes({key}, {key: up})
+    assert [c.health.up for c in told] == [True] and told_down == set()
+    assert changes({key}, {}) == ([], set())  # left the table: nothing to say
+
+
+def test_a_cluster_without_weight_is_not_told_down() -> None:
+    """A pending cluster at weight 0 whose Serve proxy is still starting; told once it has
+    weight and still fails; its UP after that is told."""
+    key = ("digits", CLUSTER)
+    starting = ClusterHealth(False, "x", serving=False)
+    assert changes(set(), {key: starting}) == ([], set())
+    told, told_down = changes(set(), {key: ClusterHealth(False, "x")})
+    assert len(told) == 1 and told_down == {key}
+    # Its weight went to 0 (traffic moved away) while it still fails: nothing new to say.
+    assert changes({key}, {key: starting}) == ([], {key})
+    rows = [row("rt:a", "DOWN", "L4CON", weight="0", **REFUSED)]
+    assert cluster_health(rows, ROUTES, NAMES)[key].serving is False
