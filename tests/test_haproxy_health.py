@@ -91,13 +91,13 @@ async def test_a_cluster_failing_its_check_is_told_once_in_raygate_words(
     caplog.set_level(logging.INFO, logger="raygate.haproxy")
     settings = HAProxySettings(tmp_path / "hx", port=free_port(), health_path="/-/healthz")
     engine = HAProxyEngine(settings)
-    await engine.start()
     raw = settings.work_dir / "haproxy.log"  # the log file in the state dir
 
     def lines(words: str) -> int:
         return raw.read_text().count(words) if raw.exists() else 0
 
     try:
+        await engine.start()
         await engine.apply(routes(proxy.url, "/a", "/b"))
         stat = lambda: engine.command("show stat -1 4 -1")  # noqa: E731
         deadline = time.monotonic() + 15
