@@ -212,8 +212,8 @@ def test_push_wait_json_is_json_lines_and_words_go_to_stderr(
     live_r1(admin.store)
     path = tmp_path / "v2.yaml"
     path.write_text(yaml.safe_dump(spec(label="b")))
-    assert main(["push", str(path), "--wait", "--json", "--timeout", "2.5",
-                 "--admin-url", admin.url]) == 1  # fmt: skip  (nothing runs it: a timeout)
+    argv = ["push", str(path), "--wait", "--json", "--timeout", "2.5", "--admin-url", admin.url]
+    assert main(argv) == 1  # nothing runs it: a timeout
     out, err = capsys.readouterr()
     docs = [json.loads(line) for line in out.splitlines()]
     assert docs[0]["revision"] == 2 and docs[0]["unchanged"] is False, "first: the answer"
