@@ -194,7 +194,8 @@ def view(s: Status, now: float, spinner: Spinner | None = None) -> RenderableTyp
         if v.detail:
             label.append(f"  {v.detail}", style="yellow")
         bar: RenderableType = Text("") if v.bar is None else ProgressBar(
-            total=v.bar[1], completed=v.bar[0], width=20, complete_style="green"
+            total=v.bar[1], completed=v.bar[0], width=20, complete_style="green",
+            finished_style="green",
         )  # fmt: skip
         grid.add_row(Text(" "), mark, label, bar)
     if grid.row_count:
@@ -212,7 +213,8 @@ def view(s: Status, now: float, spinner: Spinner | None = None) -> RenderableTyp
         parts.append(Text(f"  degraded: {d['cluster']}: {d['message']}", style="red"))
     traffic = Table.grid(padding=(0, 1))
     for cluster, weight in (s.get("traffic") or {}).items():
-        bar = ProgressBar(total=100, completed=weight, width=30, complete_style="blue")
+        bar = ProgressBar(total=100, completed=weight, width=30, complete_style="blue",
+                          finished_style="blue")  # fmt: skip
         traffic.add_row(Text("  traffic" if not traffic.row_count else ""), Text(cluster), bar,
                         Text(f"{weight:>3}%"))  # fmt: skip
     if traffic.row_count:
@@ -254,8 +256,11 @@ class Progress:
     def show(self, statuses: Sequence[Status]) -> None:
         if self._live is not None:
             now = self.clock()
-            views = [view(s, now, self._spinners.setdefault(s["name"], Spinner("dots")))
-                     for s in statuses]  # fmt: skip
+            views: list[RenderableType] = []
+            for s in statuses:
+                if views:
+                    views.append(Text(""))  # a blank line between services
+                views.append(view(s, now, self._spinners.setdefault(s["name"], Spinner("dots"))))
             body = Group(*views) if views else Text("no services")
             self._live.update(body, refresh=True)
             return

@@ -317,3 +317,17 @@ def test_status_watch_json_is_one_document_per_change(admin: Admin) -> None:
     docs = [json.loads(line) for line in watch_through_a_pipe(admin, "--json")]
     assert [d["pending"]["canary_step"]["index"] for d in docs] == [2, 3, 4]
     assert all(d["name"] == "digits" and "traffic" in d for d in docs)
+
+
+def test_watching_every_service_draws_each(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    canary_at(store, Canary(1, 20, 6.0))
+    store.push(parse_spec(spec(name="other", prefix="/other")), 3.0)
+    put_state(store, ServiceState("other", Active("c9", 1, "h9")),
+              RolloutRecord(1, Result.SUCCEEDED, "live"))  # fmt: skip
+    screen = io.StringIO()
+    with Progress(Mode.LIVE, console=Console(file=screen, force_terminal=True, width=110)) as p:
+        p.show([s for n in ("digits", "other") if (s := status_of(store, n, {}))])
+    text = screen.getvalue()
+    assert "step 2/4" in text and "other" in text and "r1 on c9" in text
+    assert "\x1b[34m━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━\x1b[0m 100%" in text, "a full bar"
