@@ -41,6 +41,11 @@ class HAProxySettings:
     def config_path(self) -> Path:
         return self.work_dir / "haproxy.cfg"
 
+    @property
+    def log_path(self) -> Path:
+        """HAProxy's own stdout and stderr (`Master.spawn`)."""
+        return self.work_dir / "haproxy.log"
+
 
 LUA = Path(__file__).with_name("haproxy.lua")
 

@@ -55,8 +55,9 @@ from gateway.haproxy_config import (
     server_names,
     topology,
 )
+from gateway.haproxy_health import changes, cluster_health
 from gateway.haproxy_names import weight_commands
-from gateway.haproxy_process import Master, is_ours, masters_of
+from gateway.haproxy_process import Master, is_ours, log_tail, masters_of
 from gateway.metrics import Metrics
 from gateway.routes import Route, RouteTable
 
@@ -139,6 +140,8 @@ class HAProxyEngine:
         self._retired: set[int] = set()  # old workers whose reader finished: they are exiting
         self._lines_read: dict[int, int] = {}  # worker pid -> request lines counted
         self._logs: asyncio.Task[None] | None = None
+        self._current_rows: list[dict[str, str]] | None = None  # the last poll's, current worker
+        self._told_down: set[tuple[str, str]] = set()  # (service, cluster) told failing
         # Old worker pid -> the clusters it may still route to: those with weight in the
         # table in force in it when it was current (its config plus the weight changes it
         # took), which it keeps routing by (see `routed`); for an old worker found when the
@@ -236,18 +239,21 @@ class HAProxyEngine:
         master = Master.spawn([
             s.binary or haproxy_binary(), "-W", "-S", f"{s.master_socket},mode,600",
             "-f", str(s.config_path),
-        ])  # fmt: skip
+        ], s.log_path)  # fmt: skip
         self._master = master
+        log.info("haproxy master %s started; its own messages go to %s", master.pid, s.log_path)
         deadline = asyncio.get_running_loop().time() + 15
         while True:
             try:
                 await self.command("show info")
                 return
             except OSError:
-                if master.exited():
-                    raise HAProxyError(f"haproxy exited with {master.returncode}") from None
-                if asyncio.get_running_loop().time() > deadline:
-                    raise HAProxyError("haproxy's runtime API did not answer") from None
+                exited = master.exited()
+                if exited or asyncio.get_running_loop().time() > deadline:
+                    # HAProxy says why in its log, not on the terminal: the error quotes it.
+                    what = f"exited with {master.returncode}" if exited else "did not answer"
+                    raise HAProxyError(f"haproxy {what}: {log_tail(s.log_path)} "
+                                       f"(from {s.log_path})") from None  # fmt: skip
                 await asyncio.sleep(0.05)
 
     async def _supervise(self) -> None:
@@ -474,7 +480,7 @@ class HAProxyEngine:
         os.replace(tmp, path)
 
     async def _servers_all(self) -> list[tuple[int, list[dict[str, str]]]]:
-        """Server rows of `show stat` from every live worker."""
+        """Server rows of `show stat` from every live worker, the current one first."""
         out = []
         current, old = await self.workers()
         for pid in current + old:
@@ -486,6 +492,7 @@ class HAProxyEngine:
                 continue
             rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
             out.append((pid, [r for r in rows if r.get("svname")]))
+        self._current_rows = out[0][1] if current and out and out[0][0] == current[0] else None
         return out
 
     def _cluster_of(self, server: str) -> str | None:
@@ -524,8 +531,19 @@ class HAProxyEngine:
                         self.metrics.upstream_errors.labels(*labels).inc(delta)
         for (service, cluster), value in in_flight.items():
             self.metrics.set_in_flight(service, cluster, value)
+        if self._current_rows is not None:
+            self._tell_health(self._current_rows)
         # Forget workers that are gone.
         self._last_counts = {k: v for k, v in self._last_counts.items() if k in seen}
+
+    def _tell_health(self, rows: list[dict[str, str]]) -> None:
+        """Log, in service and cluster names, a cluster whose Serve proxy started failing
+        HAProxy's health check or passes it again: once per change (`haproxy_health`)."""
+        told, self._told_down = changes(
+            self._told_down, cluster_health(rows, self._routes, self._clusters)
+        )
+        for change in told:
+            (log.info if change.health.up else log.warning)("%s", change.message)
 
     # ---- request log ----------------------------------------------------------------------
     async def _follow_logs(self) -> None:

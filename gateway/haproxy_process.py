@@ -77,6 +77,32 @@ def is_ours(pid: int, config_path: Path, binary: str | None = None) -> bool:
     return any(a == b"-f" and b == wanted for a, b in itertools.pairwise(args))
 
 
+LOG_ROTATE_BYTES = 16 * 1024 * 1024  # a few lines per reload or state change: months of them
+
+
+def open_log(path: Path) -> int:
+    """A write-only, append-only fd on HAProxy's log (mode 0600: it names addresses). When
+    it has grown past LOG_ROTATE_BYTES it becomes `<name>.1` first (a master still writing
+    to the old file keeps writing there: appends never overwrite)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """The last ALERT lines of HAProxy's log (else its last lines), for an error that must
+    say why HAProxy failed."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            text = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    alerts = [line for line in text if line.startswith("[ALERT]")]
+    return "\n".join((alerts or text)[-lines:])
+
+
 class Master:
     """One HAProxy master, held by a pidfd so that a reused pid is never signalled or
     mistaken for it. `child` is set when this process started it (then it is reaped here)."""
@@ -87,16 +113,28 @@ class Master:
         self._fd: int | None = os.pidfd_open(pid)  # ProcessLookupError if it is gone
 
     @classmethod
-    def spawn(cls, argv: Sequence[str]) -> Master:
+    def spawn(cls, argv: Sequence[str], log_path: Path) -> Master:
         """HAProxy gets raygate's environment without raygate's own settings: a RAYGATE_*
-        variable may be a secret (RAYGATE_TOKEN), and HAProxy outlives raygate."""
+        variable may be a secret (RAYGATE_TOKEN), and HAProxy outlives raygate.
+
+        Its stdout and stderr (its NOTICE/WARNING/ALERT lines: reloads, servers going DOWN
+        and UP, a port it cannot bind) go to `log_path`, not to raygate's terminal: raygate
+        says what matters in its own words (`haproxy_health`). A file opened for appending,
+        not a pipe: HAProxy outlives raygate, and a pipe with no reader would kill it
+        (SIGPIPE) or block it."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAYGATE_")}
-        child = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # raygate decides when HAProxy stops, not a Ctrl-C
-        )
+        out = open_log(log_path)
+        try:
+            child = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # raygate decides when HAProxy stops, not a Ctrl-C
+            )
+        finally:
+            os.close(out)  # the child holds its own copy
         return cls(child.pid, child)
 
     @property

@@ -18,6 +18,7 @@ import httpx
 import yaml
 
 from gateway.routes import route_prefix_problem
+from rollout.progress import Mode, Progress, choose_mode
 from rollout.spec import SpecError, load_spec_file
 
 DEFAULT_ADMIN = "http://127.0.0.1:8001"
@@ -123,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--wait", action="store_true", help="wait until live (0), aborted (1), "
                       "or a canary held for a person (3: promote or abort it)")  # fmt: skip
     push.add_argument("--timeout", type=float, default=900.0)
+    push.add_argument("--json", action="store_true", help="JSON Lines on stdout: the answer "
+                      "to the push, then (--wait) the status at each change")  # fmt: skip
     client(push)
     push.set_defaults(func=_push)
 
@@ -136,8 +139,10 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show services")
     status.add_argument("name", nargs="?")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--watch", action="store_true")
+    status.add_argument("--json", action="store_true", help="with --watch: one status per "
+                        "line (JSON Lines) at each change")  # fmt: skip
+    status.add_argument("--watch", action="store_true", help="follow it (Ctrl-C ends): a live "
+                        "view on a terminal, a line per change otherwise")  # fmt: skip
     client(status)
     status.set_defaults(func=_status)
 
@@ -331,51 +336,67 @@ def _push(args: argparse.Namespace) -> int:
         if resp.status_code not in (200, 202):
             return _fail(resp)
         out = resp.json()
+        # With --json, stdout carries JSON only: the words go to stderr.
+        say = sys.stderr if args.json else sys.stdout
+        if args.json:
+            print(json.dumps(out), flush=True)
         if out.get("unchanged"):
-            print(f"{out['name']}: {out['message']}")
+            print(f"{out['name']}: {out['message']}", file=say)
             return 0
-        print(f"{out['name']}: revision {out['revision']} pushed")
+        print(f"{out['name']}: revision {out['revision']} pushed", file=say, flush=True)
         if not args.wait:
             return 0
-        return _wait(client, out["name"], out["revision"], args.timeout)
+        mode = choose_mode(args.json, sys.stdout)
+        return _wait(client, out["name"], out["revision"], args.timeout, Progress(mode))
 
 
-def _wait(client: httpx.Client, name: str, revision: int, timeout: float) -> int:
+def _wait(
+    client: httpx.Client, name: str, revision: int, timeout: float,
+    progress: Progress | None = None,
+) -> int:  # fmt: skip
+    """Poll until revision `revision` is live (0), aborted or superseded (1, also on a
+    timeout), or a canary held for a person (3); `progress` shows the way there."""
+    progress = progress or Progress(choose_mode(False, sys.stdout))
+    say = sys.stderr if progress.mode is Mode.JSON else sys.stdout
+    try:
+        with progress:
+            code, why = _wait_for(client, name, revision, timeout, progress)
+    except KeyboardInterrupt:
+        code, why = 130, f"{name}: stopped waiting; the rollout goes on (`raygate status {name}`)"
+    if code == 0:
+        print(why, file=say)
+    elif why:
+        print(why, file=sys.stderr)
+    return code
+
+
+def _wait_for(
+    client: httpx.Client, name: str, revision: int, timeout: float, progress: Progress
+) -> tuple[int, str]:
     deadline = time.monotonic() + timeout
-    last = ""
     while time.monotonic() < deadline:
         resp = client.get(f"/v1/services/{name}")
         if resp.status_code != 200:
-            return _fail(resp)
+            progress.close()
+            return _fail(resp), ""
         s = resp.json()
-        line = _progress(s)
-        if line != last:
-            print(f"  {time.strftime('%H:%M:%S')} {line}", flush=True)
-            last = line
+        progress.show([s])
         lr = s.get("last_rollout") or {}
         if s.get("active") and s["active"]["revision"] == revision and not s.get("pending"):
-            print(f"{name}: revision {revision} is live on {s['active']['cluster']}")
-            return 0
+            return 0, f"{name}: revision {revision} is live on {s['active']['cluster']}"
         if lr.get("revision") == revision and lr.get("result") in ("aborted", "superseded"):
-            print(
-                f"{name}: revision {revision} {lr['result']}: {lr.get('message', '')}",
-                file=sys.stderr,
-            )
-            return 1
+            return 1, f"{name}: revision {revision} {lr['result']}: {lr.get('message', '')}"
         p = s.get("pending") or {}
         if p.get("revision") == revision and p.get("paused"):
             # A canary held for a person (`pause: {}`, `raygate pause`, no data): it will
             # not go live by waiting. Exit 3 tells a script "waiting for you", not "failed".
-            print(
+            return 3, (
                 f"{name}: revision {revision} waits at weight {p.get('weight')}%: "
                 f"{p.get('message') or 'paused'}; `raygate promote {name}` goes on, "
-                f"`raygate abort {name}` stops it",
-                file=sys.stderr,
+                f"`raygate abort {name}` stops it"
             )
-            return 3
         time.sleep(1.0)
-    print(f"raygate: gave up waiting after {timeout:g}s", file=sys.stderr)
-    return 1
+    return 1, f"raygate: gave up waiting after {timeout:g}s"
 
 
 def _progress(s: dict[str, Any]) -> str:
@@ -399,22 +420,35 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    path = f"/v1/services/{args.name}" if args.name else "/v1/services"
     with _client(args) as client:
-        while True:
-            path = f"/v1/services/{args.name}" if args.name else "/v1/services"
-            resp = client.get(path)
-            if resp.status_code != 200:
-                return _fail(resp)
-            body = resp.json()
-            services = [body] if args.name else body
-            if args.json:
-                print(json.dumps(body, indent=2))
-            else:
-                _print_table(services)
-            if not args.watch:
-                return 0
-            time.sleep(2.0)
-            print()
+        if args.watch:
+            return _watch(client, path, Progress(choose_mode(args.json, sys.stdout)))
+        resp = client.get(path)
+        if resp.status_code != 200:
+            return _fail(resp)
+        body = resp.json()
+        if args.json:
+            print(json.dumps(body, indent=2))
+        else:
+            _print_table([body] if args.name else body)
+        return 0
+
+
+def _watch(client: httpx.Client, path: str, progress: Progress) -> int:
+    """`status --watch` until Ctrl-C (exit 130, no traceback) or an error (1)."""
+    with progress:
+        try:
+            while True:
+                resp = client.get(path)
+                if resp.status_code != 200:
+                    progress.close()
+                    return _fail(resp)
+                body = resp.json()
+                progress.show(body if isinstance(body, list) else [body])
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 130
 
 
 def _when(at: float) -> str:
