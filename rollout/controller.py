@@ -32,7 +32,9 @@ from gateway.dataplane import ANY_CLUSTER, DataPlane
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
 from rollout.analysis import Sampler, WindowStats
+from rollout.events import rollout_events
 from rollout.health import HealthChecker
+from rollout.notify import Notifier
 from rollout.plan import (
     ClusterObservation,
     CreateCluster,
@@ -97,8 +99,10 @@ class Controller:
         settings: ControllerSettings | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
+        self.notifier = notifier
         self.provider = provider
         self.dataplane = dataplane
         self.settings = settings or ControllerSettings()
@@ -246,6 +250,7 @@ class Controller:
         for text in decision.events:
             log.info("%s: %s", name, text)
         self._record(state, decision, now)
+        self._notify(state, decision, desired, now)
         try:
             await self.publish_routes()
         except Exception:
@@ -286,6 +291,19 @@ class Controller:
                 for r in before.retiring:
                     if r.cluster == action.cluster:
                         self.metrics.step_took("drain", now - r.since)
+
+    def _notify(self, before: ServiceState, decision: Decision, desired: Revision, now: float
+                ) -> None:  # fmt: skip
+        """The decision's rollout events to the notifier, which only queues them: a slow
+        receiver never slows a tick, and a failure here never fails one."""
+        if self.notifier is None:
+            return
+        try:
+            events = rollout_events(before, decision, now)
+            if events:
+                self.notifier.publish(events, desired.spec.notifications)
+        except Exception:
+            log.exception("%s: queuing rollout notifications failed", before.name)
 
     def _revisions(self, name: str, state: ServiceState, desired: Revision) -> dict[int, Revision]:
         numbers = {desired.number}
