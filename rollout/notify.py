@@ -159,8 +159,8 @@ class Notifier:
     async def _deliver(self, target: WebhookTarget, event: RolloutEvent) -> None:
         s = self.settings
         body = json.dumps(event.to_json(), separators=(",", ":")).encode()
-        headers = {"content-type": "application/json", "user-agent": "raygate",
-                   "x-raygate-event": event.kind.value, "x-raygate-delivery": event.id}  # fmt: skip
+        headers = {"Content-Type": "application/json", "User-Agent": "raygate",
+                   "X-Raygate-Event": event.kind.value, "X-Raygate-Delivery": event.id}  # fmt: skip
         if target.secret:
             headers[SIGNATURE_HEADER] = sign(target.secret, body)
         why = ""
