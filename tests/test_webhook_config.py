@@ -131,9 +131,10 @@ async def test_up_sends_a_failed_rollout_to_its_webhook_signed(tmp_path: Path) -
         "serve": {"applications": [{"name": "a", "route_prefix": "/a",
                                     "import_path": "digits:build"}]},
     }))  # fmt: skip
+    admin_port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rollout.cli", "up", str(spec), "--state-dir",
-        str(tmp_path / "state"), "--port", str(free_port()), "--admin-port", str(free_port()),
+        str(tmp_path / "state"), "--port", str(free_port()), "--admin-port", str(admin_port),
         "--engine", "python", "--webhook", receiver.url, "--webhook-secret-file", str(secret),
         cwd=ROOT, env={**os.environ, "RAYGATE_TOKEN": TOKEN}, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -142,6 +143,20 @@ async def test_up_sends_a_failed_rollout_to_its_webhook_signed(tmp_path: Path) -
         await until("the aborted rollout's webhook",
                     lambda: any(b["event"] == "rollout_aborted" for b in receiver.bodies()),
                     within_s=60)  # fmt: skip
+        # Counted in the registry the admin API serves.
+        line = 'raygate_webhook_deliveries_total{result="delivered",service="hooked"} 2.0'
+        scraped = ""
+
+        async def scrape() -> None:
+            nonlocal scraped
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                scraped = (await c.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+
+        deadline = time.monotonic() + 10
+        while line not in scraped and time.monotonic() < deadline:
+            await scrape()
+            await asyncio.sleep(0.1)
+        assert line in scraped, scraped[-2000:]
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
