@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from rollout.events import EventKind, RolloutEvent
 from rollout.notify import SIGNATURE_HEADER, Notifier, NotifierSettings, WebhookTarget
 from rollout.spec import NotificationsSpec, Webhook, parse_spec
 from rollout.store import Store
+from tests.loopback import free_port
 from tests.test_controller import Clock, DataPlaneDouble, ProviderDouble, ServeDouble, make_spec
 
 FAST = NotifierSettings(attempts=6, backoff_s=0.05, max_backoff_s=0.2, timeout_s=2.0, flush_s=2.0)
@@ -92,14 +92,6 @@ async def until(what: str, check: Callable[[], object], within_s: float = 10.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within_s:g}s waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (yet): a receiver that is down."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def count(metrics: Metrics, name: str, **labels: str) -> float:
