@@ -6,7 +6,9 @@ Order inside one tick (Ray Serve and argo-rollouts do the same):
 3. commit   - the decision is written to SQLite *before* any side effect, as a
               compare-and-swap on the version it was planned from: if a push or a DELETE
               landed meanwhile, nothing is written or done and the tick starts over;
-4. route    - the gateway gets the route table derived from every service's state;
+4. route    - the gateway gets the route table derived from every service's state; then
+              the decision's rollout events are queued for webhooks (rollout/notify.py),
+              never awaited: a slow receiver cannot slow a tick;
 5. act      - clusters are created and configs deployed, each action on its own (one that
               fails does not skip the others); then every cluster record marked for
               deletion is deleted, level-triggered: one whose deletion failed is tried again
@@ -250,13 +252,13 @@ class Controller:
         for text in decision.events:
             log.info("%s: %s", name, text)
         self._record(state, decision, now)
-        self._notify(state, decision, desired, now)
         try:
             await self.publish_routes()
         except Exception:
             # Deletions wait for a table without the cluster (see _sweep_deletions); the
             # rest of the tick goes on, and the table is published again next tick.
             log.exception("publishing routes failed; retrying next tick")
+        self._notify(state, decision, desired, now)  # (a switch is in the gateway by now)
         await self._act(decision, revisions, new_infos)
         await self._sweep_deletions(name)
         return not decision.gone
