@@ -111,6 +111,15 @@ class Notifier:
                 self._enqueue(target, event)
 
     def targets_for(self, spec: NotificationsSpec | None) -> list[WebhookTarget | None]:
+        """raygate's targets, then the service's (None for one whose secret is not set);
+        a URL given twice with the same secret gets each event once."""
+        out: list[WebhookTarget | None] = []
+        for target in self._spec_targets(spec):
+            if target is None or target not in out:
+                out.append(target)
+        return out
+
+    def _spec_targets(self, spec: NotificationsSpec | None) -> list[WebhookTarget | None]:
         out: list[WebhookTarget | None] = list(self.targets)
         for hook in spec.webhooks if spec is not None else ():
             if hook.secret_env is None:
