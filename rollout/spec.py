@@ -212,8 +212,8 @@ class ServiceSpec(_Strict):
         dumped = self.model_dump(mode="json", by_alias=True)
         dumped["cluster"] = self.cluster.identity()  # the same rule as cluster_hash
         dumped["upgrade"] = self.upgrade.identity()
-        if dumped.get("notifications") is None:  # unset: revisions stored before it keep
-            dumped.pop("notifications", None)  # their hashes
+        if not (dumped.get("notifications") or {}).get("webhooks"):  # unset or empty:
+            dumped.pop("notifications", None)  # revisions stored before it keep their hashes
         return _digest(dumped)
 
     def to_json(self) -> dict[str, Any]:

@@ -47,6 +47,8 @@ def test_a_spec_without_notifications_keeps_the_hash_it_had_before_they_existed(
     assert spec.spec_hash() == "bbdcdf2a506fa793"
     stored = json.loads(json.dumps(spec.to_json()))  # as the store keeps it
     assert parse_spec(stored).spec_hash() == "bbdcdf2a506fa793"
+    for empty in ({}, {"webhooks": []}):  # nothing to notify: no new revision either
+        assert parse_spec({**base(), "notifications": empty}).spec_hash() == "bbdcdf2a506fa793"
 
 
 def test_notifications_change_the_revision_not_the_cluster_or_serve_config() -> None:
