@@ -135,6 +135,16 @@ class Metrics:
         )  # fmt: skip
         self._health_labels: dict[str, set[str]] = {}
         self._degraded_labels: dict[str, set[str]] = {}
+        self.webhook_deliveries = Counter(
+            "raygate_webhook_deliveries",
+            "Webhook events by outcome: delivered, failed (every retry spent, or refused), "
+            "dropped (queue full, or unsent at shutdown).",
+            ["service", "result"], registry=r,
+        )  # fmt: skip
+        self.webhook_attempt_failures = Counter(
+            "raygate_webhook_attempt_failures",
+            "Webhook POSTs that failed (each retry counts), by reason.", ["reason"], registry=r,
+        )  # fmt: skip
         self._canary_labels: dict[str, set[str]] = {}
         self._routes: dict[tuple[str, str, str], _RouteMetrics] = {}
         self._weight_labels: set[tuple[str, str]] = set()
@@ -287,3 +297,9 @@ class Metrics:
 
     def analysis_run(self, service: str, result: str) -> None:
         self.analysis_runs.labels(service, result).inc()
+
+    def webhook_delivery(self, service: str, result: str) -> None:
+        self.webhook_deliveries.labels(service, result).inc()
+
+    def webhook_attempt_failed(self, reason: str) -> None:
+        self.webhook_attempt_failures.labels(reason).inc()

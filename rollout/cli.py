@@ -19,7 +19,7 @@ import yaml
 
 from gateway.routes import route_prefix_problem
 from rollout.progress import Mode, Progress, choose_mode
-from rollout.spec import SpecError, load_spec_file
+from rollout.spec import SpecError, load_spec_file, webhook_url_problem
 
 DEFAULT_ADMIN = "http://127.0.0.1:8001"
 DEFAULT_STATE = ".raygate"
@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--instance", help="kuberay: the label value that tells this raygate's "
                     "RayClusters from another's in the same namespace (default: an id made "
                     "once per state dir, kept in <state-dir>/instance)")  # fmt: skip
+    up.add_argument("--webhook", action="append", default=[], metavar="URL",
+                    help="POST every rollout event there (repeatable); signed with the secret "
+                    "in $RAYGATE_WEBHOOK_SECRET or --webhook-secret-file, if any")  # fmt: skip
+    up.add_argument("--webhook-secret-file", type=Path, metavar="PATH",
+                    help="file holding the webhook signing secret (not on the command line: "
+                    "argv is visible to every user)")  # fmt: skip
     up.add_argument("--log-level", default="INFO")
     up.set_defaults(func=_up)
 
@@ -195,7 +201,14 @@ def _up(args: argparse.Namespace) -> int:
     except (SpecError, OSError) as exc:
         print(f"raygate: invalid spec: {exc}", file=sys.stderr)
         return 2
+    try:
+        webhook_secret = _webhook_secret(args)
+    except ValueError as exc:
+        print(f"raygate: {exc}", file=sys.stderr)
+        return 2
     settings = UpSettings(
+        webhooks=tuple(args.webhook),
+        webhook_secret=webhook_secret,
         engine=args.engine,
         state_dir=args.state_dir,
         host=args.host,
@@ -214,6 +227,24 @@ def _up(args: argparse.Namespace) -> int:
     except (StateDirBusy, SpecConflict, WeakToken, StartFailed) as exc:
         print(f"raygate: {exc}", file=sys.stderr)
         return 2
+
+
+def _webhook_secret(args: argparse.Namespace) -> str | None:
+    """`up`'s webhook signing secret (None: unsigned), having checked its --webhook URLs.
+    Raises ValueError saying which argument is wrong."""
+    for url in args.webhook:
+        why = webhook_url_problem(url)
+        if why is not None:
+            raise ValueError(f"--webhook {url!r}: {why}")
+    secret = os.environ.get("RAYGATE_WEBHOOK_SECRET") or None
+    if args.webhook_secret_file is not None:
+        try:
+            secret = args.webhook_secret_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"--webhook-secret-file: {exc}") from None
+        if not secret:
+            raise ValueError(f"--webhook-secret-file: {args.webhook_secret_file} is empty")
+    return secret
 
 
 def _down(args: argparse.Namespace) -> int:

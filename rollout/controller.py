@@ -6,7 +6,9 @@ Order inside one tick (Ray Serve and argo-rollouts do the same):
 3. commit   - the decision is written to SQLite *before* any side effect, as a
               compare-and-swap on the version it was planned from: if a push or a DELETE
               landed meanwhile, nothing is written or done and the tick starts over;
-4. route    - the gateway gets the route table derived from every service's state;
+4. route    - the gateway gets the route table derived from every service's state; then
+              the decision's rollout events are queued for webhooks (rollout/notify.py),
+              never awaited: a slow receiver cannot slow a tick;
 5. act      - clusters are created and configs deployed, each action on its own (one that
               fails does not skip the others); then every cluster record marked for
               deletion is deleted, level-triggered: one whose deletion failed is tried again
@@ -32,7 +34,9 @@ from gateway.dataplane import ANY_CLUSTER, DataPlane
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
 from rollout.analysis import Sampler, WindowStats
+from rollout.events import rollout_events
 from rollout.health import HealthChecker
+from rollout.notify import Notifier
 from rollout.plan import (
     ClusterObservation,
     CreateCluster,
@@ -99,8 +103,10 @@ class Controller:
         settings: ControllerSettings | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
+        self.notifier = notifier
         self.provider = provider
         self.dataplane = dataplane
         self.settings = settings or ControllerSettings()
@@ -255,6 +261,7 @@ class Controller:
             # Deletions wait for a table without the cluster (see _sweep_deletions); the
             # rest of the tick goes on, and the table is published again next tick.
             log.exception("publishing routes failed; retrying next tick")
+        self._notify(state, decision, desired, now)  # (a switch is in the gateway by now)
         await self._act(decision, revisions, new_infos)
         await self._sweep_deletions(name)
         return not decision.gone
@@ -315,6 +322,18 @@ class Controller:
             after.active is not None or after.restore is not None or after.phase is Phase.FAILED
         )
         self.metrics.set_cluster_health(after.name, healthy, after.traffic(), degraded, serves)
+    def _notify(self, before: ServiceState, decision: Decision, desired: Revision, now: float
+                ) -> None:  # fmt: skip
+        """The decision's rollout events to the notifier, which only queues them: a slow
+        receiver never slows a tick, and a failure here never fails one."""
+        if self.notifier is None:
+            return
+        try:
+            events = rollout_events(before, decision, now)
+            if events:
+                self.notifier.publish(events, desired.spec.notifications)
+        except Exception:
+            log.exception("%s: queuing rollout notifications failed", before.name)
 
     def _revisions(self, name: str, state: ServiceState, desired: Revision) -> dict[int, Revision]:
         numbers = {desired.number}

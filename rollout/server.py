@@ -23,7 +23,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from gateway.routes import Backend, Route, RouteTable
 from rollout.api import create_admin_app, create_metrics_app
 from rollout.conflicts import startup_conflicts
 from rollout.controller import Controller
+from rollout.notify import Notifier, WebhookTarget
 from rollout.providers.kuberay import (
     KubeRayProvider,
     KubeRaySettings,
@@ -72,6 +73,8 @@ class UpSettings:
     kubeconfig: str | None = None  # kuberay: else in-cluster, $KUBECONFIG, ~/.kube/config
     instance: str | None = None  # kuberay: the label value that tells this raygate's
     # RayClusters from another's; default: an id made once per state dir
+    webhooks: tuple[str, ...] = ()  # every service's rollout events go there too
+    webhook_secret: str | None = field(default=None, repr=False)  # signs their bodies
 
 
 PROVIDERS = ("local", "kuberay")
@@ -359,7 +362,10 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
                     "data port is down while raygate restarts; clusters keep running",
                     settings.engine)  # fmt: skip
     http = httpx.AsyncClient(trust_env=False)
-    controller = Controller(store, provider, gateway, http, metrics=metrics)
+    # A spec's `secret_env` names a variable of this process: read here, once.
+    notifier = Notifier(metrics, [WebhookTarget(u, settings.webhook_secret)
+                                  for u in settings.webhooks], env=os.environ)  # fmt: skip
+    controller = Controller(store, provider, gateway, http, metrics=metrics, notifier=notifier)
     rates = RateHistory()  # the status page's charts: the gateway's counters every 5 s
     admin = create_admin_app(
         store, token, controller.wake, gateway.in_flight, metrics_registry=metrics.registry,
@@ -412,6 +418,7 @@ async def run_up(settings: UpSettings, specs: Sequence[ServiceSpec]) -> int:
         else:
             log.info("stopping every Ray cluster raygate started")
             await controller.stop(delete_clusters=True)
+        await notifier.close()  # after the controller: its last events go out too
         await gateway.close()
         await http.aclose()
         await provider.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -166,6 +167,22 @@ class GatewaySpec(_Strict):
     timeout_s: float = Field(60.0, gt=0, le=3600)  # upstream too slow: 504
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class Webhook(_Strict):
+    """A URL that gets this service's rollout events (rollout/notify.py). The secret is
+    never in the spec (the spec is stored and shown): `secret_env` names an environment
+    variable of the raygate process that holds it."""
+
+    url: str = Field(max_length=2048)
+    secret_env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
+
+
+class NotificationsSpec(_Strict):
+    webhooks: tuple[Webhook, ...] = Field(default=(), max_length=10)
+
+
 class ServiceSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
@@ -173,6 +190,8 @@ class ServiceSpec(_Strict):
     upgrade: UpgradeSpec = Field(default_factory=UpgradeSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     liveness: LivenessSpec = Field(default_factory=LivenessSpec)
+    # Who hears of this service's rollouts; never part of what a cluster runs.
+    notifications: NotificationsSpec | None = None
 
     def app_routes(self) -> dict[str, str]:
         """app name -> route prefix, for apps reachable over HTTP."""
@@ -193,6 +212,8 @@ class ServiceSpec(_Strict):
         dumped = self.model_dump(mode="json", by_alias=True)
         dumped["cluster"] = self.cluster.identity()  # the same rule as cluster_hash
         dumped["upgrade"] = self.upgrade.identity()
+        if not (dumped.get("notifications") or {}).get("webhooks"):  # unset or empty:
+            dumped.pop("notifications", None)  # revisions stored before it keep their hashes
         return _digest(dumped)
 
     def to_json(self) -> dict[str, Any]:
@@ -225,6 +246,11 @@ def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
     _check_probes(spec.upgrade.health.probes, problems)
     _check_kuberay(spec.cluster, problems)
     _check_upgrade(spec.upgrade, problems)
+    if spec.notifications is not None:
+        for i, hook in enumerate(spec.notifications.webhooks):
+            why = webhook_url_problem(hook.url)
+            if why is not None:
+                problems.append((f"notifications.webhooks.{i}.url", why))
     serve = _validate_serve(spec.serve, problems)
     cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
     if problems:
@@ -265,6 +291,25 @@ def _check_probes(probes: tuple[Probe, ...], problems: list[tuple[str, str]]) ->
                 problems.append(
                     (f"{at}.headers", f"header {name!r}: value must be ASCII without CR, LF, NUL")
                 )
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why `url` cannot receive webhooks (None: it can): an absolute http(s) URL with a
+    host, nothing that would make the one POST ambiguous. `raygate up --webhook` is checked
+    with the same rule."""
+    if any(c.isspace() for c in url) or not url.isprintable():
+        return "must not contain spaces or control characters"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"not a URL: {exc}"
+    if parsed.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parsed.host:
+        return "must name a host"
+    if parsed.fragment:
+        return "must not have a #fragment"
+    return None
 
 
 def _check_upgrade(upgrade: UpgradeSpec, problems: list[tuple[str, str]]) -> None:

@@ -267,10 +267,12 @@ def live_cluster(rg: Raygate, revision: int | None = None, within_s: float = 300
 
 
 @contextlib.contextmanager
-def running_raygate(state_dir: Path, engine: str = "python") -> Iterator[Raygate]:
+def running_raygate(
+    state_dir: Path, engine: str = "python", up_args: tuple[str, ...] = ()
+) -> Iterator[Raygate]:
     """`raygate up` with the digits v1 spec; stopped afterwards, and no Ray process of its may
     outlive it, even when a test failed."""
-    gate = Raygate(state_dir, engine=engine)
+    gate = Raygate(state_dir, engine=engine, up_args=up_args)
     gate.start(EXAMPLES / "v1.yaml")
     try:
         yield gate

@@ -9,11 +9,15 @@ service live for the next.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -35,9 +39,34 @@ pytestmark = pytest.mark.ray
 SPECS = Path(__file__).resolve().parent / "specs"
 
 
+class Hooks(BaseHTTPRequestHandler):
+    """A webhook receiver on loopback: records every event raygate POSTs."""
+
+    got: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        self.got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def rg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Raygate]:
-    with running_raygate(tmp_path_factory.mktemp("e2e") / "state", "python") as gate:
+def hooks() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def rg(tmp_path_factory: pytest.TempPathFactory, hooks: str) -> Iterator[Raygate]:
+    state = tmp_path_factory.mktemp("e2e") / "state"
+    with running_raygate(state, "python", ("--webhook", hooks)) as gate:
         yield gate
 
 
@@ -143,6 +172,13 @@ def test_blue_green_under_load_switches_with_zero_failures(rg: Raygate) -> None:
         f'raygate_requests_total{{app="digits",cluster="{new}",code="200",service="digits"}}'
         in text
     )
+    # The webhook heard the rollout, step by step, from the real controller on real Ray.
+    steps = ["rollout_started", "health_passed", "traffic_switched", "rollout_succeeded"]
+    wait_for("the rollout's webhooks", lambda: [e["event"] for e in Hooks.got
+                                                 if e["revision"] == 3] == steps, 10)  # fmt: skip
+    [switched_to] = [e for e in Hooks.got if e["event"] == "traffic_switched" and
+                     e["revision"] == 3]  # fmt: skip
+    assert switched_to["cluster"] == new and switched_to["service"] == "digits"
     print(
         f"\nblue-green under load: {len(load.outcomes)} requests, 0 failed; "
         f"push to live {switched:.1f}s"
@@ -164,6 +200,10 @@ def test_broken_cluster_change_aborts_and_live_cluster_keeps_serving(rg: Raygate
     wait_for("the aborted cluster's processes to exit", lambda: rg.clusters_running() == {live}, 60)
     history = {h["revision"]: h["result"] for h in rg_history(rg)}
     assert history[4] == "aborted" and history[3] == "succeeded"
+    key = ("rollout_aborted", 4)
+    aborted = wait_for("the abort's webhook", lambda: [
+        e for e in Hooks.got if (e["event"], e["revision"]) == key], 10)  # fmt: skip
+    assert "DEPLOY_FAILED" in aborted[0]["message"]
 
 
 def rg_history(rg: Raygate) -> list[dict[str, object]]:
