@@ -5,12 +5,31 @@
 const POLL_MS = 2000;
 const SERVICE = document.body.dataset.service || "";
 const CSRF = (document.querySelector('meta[name="raygate-csrf"]') || {}).content || "";
-const PALETTE = ["#2563eb", "#f59e0b", "#10b981", "#a855f7", "#ef4444", "#0891b2", "#84cc16"];
+const PALETTE = ["#2563eb", "#f59e0b", "#10b981", "#a855f7", "#0891b2", "#84cc16", "#64748b"];  // no red: red means errors
 const colors = new Map();
 const SVG = "http://www.w3.org/2000/svg";
 
+// A cluster's colour comes from its id (the same on every page and after a reload); two
+// clusters of one service that hash alike are told apart by the next free colour, the one
+// whose id sorts first keeping its own.
+function hashIndex(id) {
+  let x = 0;
+  for (let i = 0; i < id.length; i++) x = (x * 31 + id.charCodeAt(i)) >>> 0;
+  return x % PALETTE.length;
+}
+
+function assignColors(ids) {
+  const used = new Set();
+  for (const id of [...new Set(ids)].sort()) {
+    let i = hashIndex(id);
+    for (let n = 0; n < PALETTE.length && used.has(i); n++) i = (i + 1) % PALETTE.length;
+    used.add(i);
+    colors.set(id, PALETTE[i]);
+  }
+}
+
 function color(cluster) {
-  if (!colors.has(cluster)) colors.set(cluster, PALETTE[colors.size % PALETTE.length]);
+  if (!colors.has(cluster)) colors.set(cluster, PALETTE[hashIndex(cluster)]);
   return colors.get(cluster);
 }
 
@@ -241,6 +260,8 @@ function role(label, where, extra) {
 }
 
 function card(svc, detail) {
+  assignColors([...Object.keys(svc.traffic || {}), ...Object.keys(svc.rates || {}),
+    ...[svc.active, svc.pending, ...(svc.retiring || [])].filter(Boolean).map((r) => r.cluster)]);
   const name = detail ? h("h2", { text: svc.name }) : h("h2", {}, h("a", { href: `/services/${encodeURIComponent(svc.name)}`, text: svc.name }));
   const warnings = [];
   if (svc.waiting) warnings.push(h("p", { class: "warn", text: `waiting: ${svc.waiting}` }));
