@@ -292,6 +292,7 @@ def test_each_alert_has_a_test_that_fires_it_and_one_where_it_stays_quiet() -> N
         "RaygateHighErrorRate",
         "RaygateServiceWithoutHealthyCluster",
         "RaygateClusterDegraded",
+        "RaygateWebhookDeliveriesFailing",
     }
     assert names - fires == set(), "alerts no test fires"
     assert names - quiet == set(), "alerts no test shows quiet"
