@@ -546,7 +546,7 @@ def _supersede(
         return
     b.end_rollout(p.revision, Result.SUPERSEDED, f"superseded by revision {desired.number}")
     active = b.state.active
-    if p.kind is Kind.NEW_CLUSTER and p.cluster_hash == desired.cluster_hash:
+    if reuses_pending(p, desired):
         # Same cluster spec: reuse the pending cluster, only its Serve config changes.
         # A canary's share goes back to stable at once (canary=None): the cluster holds
         # no traffic while the new config deploys on it.
@@ -563,6 +563,16 @@ def _supersede(
         # An in-place update was under way on the active cluster: put its config back.
         b.act(DeployServe(active.cluster, active.revision))
     b.set(pending=None)
+
+
+def reuses_pending(pending: Pending | None, target: Revision) -> bool:
+    """A push while a new cluster is pending for the same cluster spec rolls out on that
+    cluster (`_supersede`), whatever `rollout_kind` says against the active one: the one
+    rule, used by the plan preview (`rollout.preview`) too."""
+    return (
+        pending is not None and pending.kind is Kind.NEW_CLUSTER
+        and pending.cluster_hash == target.cluster_hash
+    )  # fmt: skip
 
 
 def _start(

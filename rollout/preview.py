@@ -16,7 +16,15 @@ from typing import Any
 
 import yaml
 
-from rollout.plan import MAX_CLUSTERS, Kind, Revision, ServiceState, baking_match, rollout_kind
+from rollout.plan import (
+    MAX_CLUSTERS,
+    Kind,
+    Revision,
+    ServiceState,
+    baking_match,
+    reuses_pending,
+    rollout_kind,
+)
 from rollout.spec import ServiceSpec
 
 MAX_REASONS = 20  # a spec rewritten in full would list every field: the diff shows the rest
@@ -54,6 +62,9 @@ def preview(
             why = f"identical to revision {identical_to} ({result}), the newest pushed"
         return {**out, "change": "none", "reasons": [why], "strategy": None}
     how = rollout_kind(state.active if state else None, live, target)
+    # A pending new cluster with this cluster spec takes the push, even one that would be
+    # in place on the active cluster (the live spec again during a canary): `_supersede`.
+    reuse = state is not None and reuses_pending(state.pending, target)
     reasons: list[str] = []
     if live is None:
         reasons.append("no live revision")
@@ -65,7 +76,7 @@ def preview(
         reasons += changes(_rest(live.spec), _rest(spec), "")
     if len(reasons) > MAX_REASONS:
         reasons[MAX_REASONS:] = [f"... and {len(reasons) - MAX_REASONS} more"]
-    change = how.kind.value
+    change = Kind.NEW_CLUSTER.value if reuse else how.kind.value
     if not reasons:  # in place: the live spec again, while a newer one rolls out or failed
         reasons = ["the live revision's spec again"]
     if state is not None:

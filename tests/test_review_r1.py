@@ -1,0 +1,71 @@
+"""Faults a cold review of issue 12's work found, each shown by a test that failed before its
+fix (no Ray): the plan preview against the real planner while a canary's cluster is pending,
+and `raygate diff`'s exit code on a spec file that is not UTF-8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rollout.cli import main
+from rollout.plan import (
+    Active,
+    ClusterObservation,
+    Health,
+    Kind,
+    Liveness,
+    Observation,
+    Pending,
+    Result,
+    RolloutRecord,
+    ServiceState,
+    Step,
+    plan,
+)
+from rollout.spec import parse_spec
+from rollout.store import Store
+from tests import test_api
+from tests.test_api import put_state, spec
+from tests.test_plan_preview import _canary, live
+
+store, client = test_api.store, test_api.client  # the admin API over a real Store (fixtures)
+
+
+async def test_undoing_a_canary_by_pushing_the_live_spec_again_previews_what_the_planner_does(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """A serve-only canary (revision 2) rolls out on its own cluster c2; the user previews
+    the live spec again (the usual undo). The planner supersedes revision 2 and reuses c2
+    (same cluster hash): a new-cluster rollout, not an in-place update of c1."""
+    live(store, _canary(spec(label="a")))
+    store.push(parse_spec(_canary(spec(label="b"))), 2.0)
+    active = Active("c1", 1, parse_spec(spec()).cluster_hash())
+    pending = Pending(2, Kind.NEW_CLUSTER, "c2", active.cluster_hash, Step.HEALTH, 2.0)
+    put_state(store, ServiceState("digits", active, pending))
+    body = (await client.post("/v1/services/digits/plan", json=_canary(spec(label="a")))).json()
+
+    assert (await client.put("/v1/services/digits", json=_canary(spec(label="a")))).status_code == 202
+    state = store.load("digits")
+    assert state is not None
+    revisions = {n: store.revision("digits", n) for n in (1, 2, 3)}
+    seen = Observation({"c1": ClusterObservation(Liveness.UP, Health.OK),
+                        "c2": ClusterObservation(Liveness.UP, Health.OK)})  # fmt: skip
+    after = plan(state, revisions[3], revisions, seen, 10.0, "c3").state.pending
+    assert after is not None and (after.kind, after.cluster) == (Kind.NEW_CLUSTER, "c2")
+    assert body["change"] == after.kind.value, body
+    assert "reuses revision 2's pending cluster c2" in body["reasons"]
+    assert body["strategy"]["name"] == "canary"  # it walks its canary steps on c2
+
+
+def test_diff_of_a_spec_that_is_not_utf8_exits_2_not_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 1 means "a push would change something"; a file raygate cannot read is 2."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "t" * 24)
+    bad = tmp_path / "spec.yaml"
+    bad.write_bytes(b"name: digits\ncluster: {env: {A: \"\xff\xfe\"}}\n")
+    code = main(["diff", str(bad), "--admin-url", "http://127.0.0.1:9"])  # never asked
+    assert code == 2
+    assert "spec.yaml" in capsys.readouterr().err
