@@ -34,6 +34,8 @@ def read_spec(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError([("", f"{path} is not valid YAML: {exc}")]) from None
+    except UnicodeDecodeError as exc:  # a traceback would exit 1: "a push would change"
+        raise SpecError([("", f"{path} is not UTF-8 text: {exc}")]) from None
     load_spec_file(path)
     code_dir = (raw.get("cluster") or {}).get("code_dir")
     if code_dir and not Path(code_dir).is_absolute():

@@ -69,3 +69,14 @@ def test_diff_of_a_spec_that_is_not_utf8_exits_2_not_1(
     code = main(["diff", str(bad), "--admin-url", "http://127.0.0.1:9"])  # never asked
     assert code == 2
     assert "spec.yaml" in capsys.readouterr().err
+
+
+def test_push_of_a_spec_that_is_not_utf8_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`raygate push` shares the fault: a traceback (exit 1) instead of "invalid spec" (2)."""
+    monkeypatch.setenv("RAYGATE_TOKEN", "t" * 24)
+    bad = tmp_path / "spec.yaml"
+    bad.write_bytes(b"name: digits\ncluster: {env: {A: \"\xff\xfe\"}}\n")
+    assert main(["push", str(bad), "--admin-url", "http://127.0.0.1:9"]) == 2
+    assert "invalid spec" in capsys.readouterr().err
