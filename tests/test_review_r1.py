@@ -28,6 +28,7 @@ from rollout.spec import parse_spec
 from rollout.store import Store
 from tests import test_api
 from tests.test_api import put_state, spec
+from tests.test_page_browser import admin  # the admin API for the browser: a fixture
 from tests.test_plan_preview import _canary, live
 
 store, client = test_api.store, test_api.client  # the admin API over a real Store (fixtures)
@@ -80,3 +81,31 @@ def test_push_of_a_spec_that_is_not_utf8_exits_2(
     bad.write_bytes(b"name: digits\ncluster: {env: {A: \"\xff\xfe\"}}\n")
     assert main(["push", str(bad), "--admin-url", "http://127.0.0.1:9"]) == 2
     assert "invalid spec" in capsys.readouterr().err
+
+
+def test_a_service_page_of_a_deleted_service_says_so_not_that_raygate_is_unreachable(
+    admin: tuple[str, Store],
+) -> None:
+    """A user who deletes a service from its own page (or follows an old link) met
+    "raygate unreachable, retrying…" over the last state drawn, forever: raygate answered,
+    with a 404. In a real browser (Debian's Chromium) against the real admin API."""
+    from playwright.sync_api import expect
+
+    from tests.browser import chromium
+    from tests.test_page_browser import TOKEN
+
+    url, store = admin
+    with chromium() as browser:
+        page = browser.new_context().new_page()
+        page.goto(url + "/services/digits")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.goto(url + "/services/digits")
+        expect(page.locator("section.card[data-name=digits]")).to_be_visible()
+        loaded = store.load_versioned("digits")
+        assert loaded is not None
+        store.commit(loaded[0], [], [], 3.0, version=loaded[1], gone=True)  # the controller's last tick of a deletion
+        assert store.load("digits") is None
+        expect(page.locator("#main")).to_contain_text("No service digits", timeout=10_000)
+        expect(page.locator("section.card")).to_have_count(0)
+        assert "unreachable" not in (page.locator("#conn").text_content() or "")
