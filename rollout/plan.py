@@ -268,6 +268,9 @@ class ClusterObservation:
     in_flight: int = 0
     error: str | None = None  # a permanent error from the last action on this cluster
     proxy_ok: bool | None = None  # the Serve proxy answered (asked when UNREACHABLE)
+    # PENDING only while deployments scale, serving meanwhile (health.Report.serving): the
+    # gates wait; only the health metrics read it.
+    serving: bool = False
     # The gateway's counts for this cluster over the last analysis interval (None: no
     # window that long yet, e.g. just after a restart of raygate).
     window: WindowStats | None = None

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from rollout.cli import main
+from rollout.controller import Controller
 from rollout.plan import (
     Active,
     ClusterObservation,
@@ -18,20 +19,26 @@ from rollout.plan import (
     Liveness,
     Observation,
     Pending,
-    Result,
-    RolloutRecord,
     ServiceState,
     Step,
     plan,
 )
 from rollout.spec import parse_spec
 from rollout.store import Store
-from tests import test_api
+from tests import test_api, test_page_browser
 from tests.test_api import put_state, spec
-from tests.test_page_browser import admin  # the admin API for the browser: a fixture
+from tests.test_controller import (
+    Clock,
+    DataPlaneDouble,
+    FakeCluster,
+    ProviderDouble,
+    Rig,
+    ServeDouble,
+)
 from tests.test_plan_preview import _canary, live
 
 store, client = test_api.store, test_api.client  # the admin API over a real Store (fixtures)
+admin = test_page_browser.admin  # the same, served on loopback for the browser (a fixture)
 
 
 async def test_undoing_a_canary_by_pushing_the_live_spec_again_previews_what_the_planner_does(
@@ -47,7 +54,8 @@ async def test_undoing_a_canary_by_pushing_the_live_spec_again_previews_what_the
     put_state(store, ServiceState("digits", active, pending))
     body = (await client.post("/v1/services/digits/plan", json=_canary(spec(label="a")))).json()
 
-    assert (await client.put("/v1/services/digits", json=_canary(spec(label="a")))).status_code == 202
+    pushed = await client.put("/v1/services/digits", json=_canary(spec(label="a")))
+    assert pushed.status_code == 202
     state = store.load("digits")
     assert state is not None
     revisions = {n: store.revision("digits", n) for n in (1, 2, 3)}
@@ -66,7 +74,7 @@ def test_diff_of_a_spec_that_is_not_utf8_exits_2_not_1(
     """Exit 1 means "a push would change something"; a file raygate cannot read is 2."""
     monkeypatch.setenv("RAYGATE_TOKEN", "t" * 24)
     bad = tmp_path / "spec.yaml"
-    bad.write_bytes(b"name: digits\ncluster: {env: {A: \"\xff\xfe\"}}\n")
+    bad.write_bytes(b'name: digits\ncluster: {env: {A: "\xff\xfe"}}\n')
     code = main(["diff", str(bad), "--admin-url", "http://127.0.0.1:9"])  # never asked
     assert code == 2
     assert "spec.yaml" in capsys.readouterr().err
@@ -78,7 +86,7 @@ def test_push_of_a_spec_that_is_not_utf8_exits_2(
     """`raygate push` shares the fault: a traceback (exit 1) instead of "invalid spec" (2)."""
     monkeypatch.setenv("RAYGATE_TOKEN", "t" * 24)
     bad = tmp_path / "spec.yaml"
-    bad.write_bytes(b"name: digits\ncluster: {env: {A: \"\xff\xfe\"}}\n")
+    bad.write_bytes(b'name: digits\ncluster: {env: {A: "\xff\xfe"}}\n')
     assert main(["push", str(bad), "--admin-url", "http://127.0.0.1:9"]) == 2
     assert "invalid spec" in capsys.readouterr().err
 
@@ -104,8 +112,52 @@ def test_a_service_page_of_a_deleted_service_says_so_not_that_raygate_is_unreach
         expect(page.locator("section.card[data-name=digits]")).to_be_visible()
         loaded = store.load_versioned("digits")
         assert loaded is not None
-        store.commit(loaded[0], [], [], 3.0, version=loaded[1], gone=True)  # the controller's last tick of a deletion
+        # The controller's last tick of a deletion
+        store.commit(loaded[0], [], [], 3.0, version=loaded[1], gone=True)
         assert store.load("digits") is None
         expect(page.locator("#main")).to_contain_text("No service digits", timeout=10_000)
         expect(page.locator("section.card")).to_have_count(0)
         assert "unreachable" not in (page.locator("#conn").text_content() or "")
+
+
+class AutoscalingServe(ServeDouble):
+    """Serve's REST API (a test double at our interface, as in tests/test_controller.py) whose
+    deployments, once `scaling`, autoscale up: Serve then says the app is RUNNING ("all
+    deployments are healthy or autoscaling") and each deployment UPSCALING, 1 of 2 replicas
+    running while the second waits for a node."""
+
+    scaling = False
+
+    def _dashboard(self, c: FakeCluster, request: httpx.Request) -> httpx.Response:
+        resp = super()._dashboard(c, request)
+        if not self.scaling or request.method != "GET":
+            return resp
+        body = resp.json()
+        for app in body["applications"].values():
+            for dep in app["deployments"].values():
+                dep.update(status="UPSCALING", target_num_replicas=2)
+        return httpx.Response(200, json=body)
+
+
+async def test_an_autoscaling_live_cluster_is_not_a_service_without_a_healthy_cluster(
+    tmp_path: Path,
+) -> None:
+    """RaygateServiceWithoutHealthyCluster (critical) reads raygate_service_healthy_clusters
+    == 0 for 3 minutes. A live cluster whose deployment autoscales up (waiting minutes for a
+    node on a KubeRay cluster) serves every request, yet its health check says PENDING (the
+    rollout gate's strictness), so the gauge reads 0 and the alert pages someone."""
+    serve = AutoscalingServe()
+    store = Store(tmp_path / "raygate.db")
+    clock = Clock()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(serve.handler)) as http:
+        provider, plane = ProviderDouble(serve), DataPlaneDouble()
+        controller = Controller(store, provider, plane, http, clock=clock)
+        rig = Rig(store, provider, plane, serve, clock, controller)
+        await rig.live()
+        serve.scaling = True
+        await rig.tick(3, dt=60)  # three minutes of autoscaling
+        registry = controller.metrics.registry
+        labels = {"service": "svc"}
+        assert registry.get_sample_value("raygate_service_healthy_clusters", labels) == 1
+        assert rig.status()[1] is None  # nothing rolls out: the gate's PENDING is unchanged
+    store.close()
