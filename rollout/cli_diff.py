@@ -66,9 +66,16 @@ def diff(args: argparse.Namespace, client: httpx.Client, out: TextIO | None = No
     if resp.status_code != 200:
         _refused(resp)
         return 2
-    plan: dict[str, Any] = resp.json()
     colour = out.isatty() and not os.environ.get("NO_COLOR")
-    out.write("".join(render(plan, colour)))
+    try:
+        plan: dict[str, Any] = resp.json()
+        text = "".join(render(plan, colour))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Another server at that address (the gateway's port, a proxy): a traceback would
+        # exit 1, "a push would change something".
+        print(f"raygate: {client.base_url} answered, but not a plan: {exc!r}", file=sys.stderr)
+        return 2
+    out.write(text)
     return 0 if plan["change"] == "none" else 1
 
 

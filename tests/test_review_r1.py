@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from rollout.cli import main
 from rollout.controller import Controller
@@ -161,3 +162,27 @@ async def test_an_autoscaling_live_cluster_is_not_a_service_without_a_healthy_cl
         assert registry.get_sample_value("raygate_service_healthy_clusters", labels) == 1
         assert rig.status()[1] is None  # nothing rolls out: the gate's PENDING is unchanged
     store.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>a login page of some proxy</html>"),
+        httpx.Response(200, json={"prediction": 7}),  # a Serve app on the gateway's port
+    ],
+)
+def test_diff_against_something_that_is_not_raygate_exits_2_not_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: httpx.Response
+) -> None:
+    """`--admin-url` at the wrong port: a 200 that is no plan made `raygate diff` crash with
+    a traceback, exit 1 ("a push would change something"). The other server is a double."""
+    from argparse import Namespace
+
+    from rollout.cli_diff import diff
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec()))
+    transport = httpx.MockTransport(lambda request: answer)
+    with httpx.Client(transport=transport, base_url="http://127.0.0.1:8000") as other:
+        assert diff(Namespace(spec=path, service=None), other) == 2
+    assert "not a plan" in capsys.readouterr().err
