@@ -118,7 +118,7 @@ def _notes(
     p = state.pending
     if p is not None:
         notes.append(f"supersedes revision {p.revision}, rolling out now")
-        if p.kind is Kind.NEW_CLUSTER and p.cluster_hash == target.cluster_hash:
+        if reuses_pending(p, target):
             notes.append(f"reuses revision {p.revision}'s pending cluster {p.cluster}")
     for r in baking_match(state, target, revisions, now):
         notes.append(f"cluster {r.cluster} still bakes revision {r.revision}: traffic goes "
