@@ -807,12 +807,19 @@ def _keep_active_deployed(b: _Builder, observed: Observation) -> None:
         b.act(DeployServe(a.cluster, a.revision, b.state.active_capacity))
 
 
+def drains_when_dropped(p: Pending) -> bool:
+    """A pending cluster given up (superseded, aborted) is kept, retiring, while requests
+    finish: a canary that carried traffic. It then holds one of the MAX_CLUSTERS slots
+    (the plan preview, `rollout.preview`, says so too)."""
+    return p.kind is Kind.NEW_CLUSTER and p.canary is not None
+
+
 def _drop_pending_cluster(
     b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float, why: str
 ) -> None:
     """A canary that carried traffic is retired (its requests in flight finish, then it is
     deleted); one that never did is deleted at once."""
-    if p.canary is None:
+    if not drains_when_dropped(p):
         b.act(DeleteCluster(p.cluster, why))
         return
     drain = _drain_s(revisions.get(p.revision))

@@ -22,6 +22,7 @@ from rollout.plan import (
     Revision,
     ServiceState,
     baking_match,
+    drains_when_dropped,
     reuses_pending,
     rollout_kind,
 )
@@ -81,9 +82,15 @@ def preview(
         reasons = ["the live revision's spec again"]
     if state is not None:
         reasons += _notes(state, target, revisions, now)
-        held = len(state.retiring) + (1 if state.active else 0)
-        if change == Kind.NEW_CLUSTER.value and held >= MAX_CLUSTERS and state.pending is None:
-            names = ", ".join(r.cluster for r in state.retiring)
+        # The clusters held once this push supersedes what is pending (`_supersede`): a
+        # canary that carried traffic drains first, holding its slot.
+        retiring = [r.cluster for r in state.retiring]
+        p = state.pending
+        if p is not None and not reuse and drains_when_dropped(p):
+            retiring.append(p.cluster)
+        held = len(retiring) + (1 if state.active else 0)
+        if change == Kind.NEW_CLUSTER.value and not reuse and held >= MAX_CLUSTERS:
+            names = ", ".join(retiring)
             reasons.append(f"waits for retiring cluster {names} to be deleted first")
     canary = target.canary and change == Kind.NEW_CLUSTER.value
     upgrade = spec.upgrade

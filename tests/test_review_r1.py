@@ -14,6 +14,7 @@ from rollout.cli import main
 from rollout.controller import Controller
 from rollout.plan import (
     Active,
+    Canary,
     ClusterObservation,
     Health,
     Kind,
@@ -36,7 +37,7 @@ from tests.test_controller import (
     Rig,
     ServeDouble,
 )
-from tests.test_plan_preview import _canary, live
+from tests.test_plan_preview import _canary, live, with_env
 
 store, client = test_api.store, test_api.client  # the admin API over a real Store (fixtures)
 admin = test_page_browser.admin  # the same, served on loopback for the browser (a fixture)
@@ -205,3 +206,30 @@ async def test_the_page_polls_a_bounded_history_however_many_revisions(
         history = r.json()["services"][0]["history"]
         assert [h["revision"] for h in history] == list(range(49, 61)), path
         assert len(r.content) < 40_000, (path, len(r.content))
+
+
+async def test_a_push_over_a_canary_that_carried_traffic_previews_the_wait_the_planner_does(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """A canary (revision 2, on c2) carries 20% of the traffic; the user previews a cluster
+    change. The planner drains c2 (its requests finish) and the new cluster waits for it to
+    go: two clusters at most. The preview said nothing of the wait."""
+    live(store, _canary(spec(label="a")))
+    store.push(parse_spec(_canary(spec(label="b"))), 2.0)
+    active = Active("c1", 1, parse_spec(spec()).cluster_hash())
+    canary = Pending(2, Kind.NEW_CLUSTER, "c2", active.cluster_hash, Step.CANARY, 2.0,
+                     canary=Canary(0, 20, 5.0))  # fmt: skip
+    put_state(store, ServiceState("digits", active, canary))
+    moved = with_env(spec(), V="2")
+    body = (await client.post("/v1/services/digits/plan", json=moved)).json()
+
+    assert (await client.put("/v1/services/digits", json=moved)).status_code == 202
+    state = store.load("digits")
+    assert state is not None
+    revisions = {n: store.revision("digits", n) for n in (1, 2, 3)}
+    seen = Observation({"c1": ClusterObservation(Liveness.UP, Health.OK),
+                        "c2": ClusterObservation(Liveness.UP, Health.OK)})  # fmt: skip
+    after = plan(state, revisions[3], revisions, seen, 10.0, "c3").state
+    assert after.pending is None and after.waiting, after
+    assert body["change"] == "new_cluster"
+    assert "waits for retiring cluster c2 to be deleted first" in body["reasons"], body["reasons"]
