@@ -1,6 +1,8 @@
 """Faults a cold review of issue 12's work found, each shown by a test that failed before its
-fix (no Ray): the plan preview against the real planner while a canary's cluster is pending,
-and `raygate diff`'s exit code on a spec file that is not UTF-8."""
+fix: the plan preview against the real planner while a canary's cluster is pending (reused,
+or draining), `raygate diff`'s exit code on a spec that is not UTF-8 or an answer that is no
+plan, a service's page once its service is gone (real Chromium), the page's poll of the whole
+history, and the health series of a live cluster whose deployments autoscale. No Ray."""
 
 from __future__ import annotations
 
