@@ -356,7 +356,7 @@ def _push(args: argparse.Namespace) -> int:
     try:
         raw = yaml.safe_load(args.spec.read_text())
         load_spec_file(args.spec)  # same checks as the server, with paths relative to the file
-    except (SpecError, OSError, yaml.YAMLError) as exc:
+    except (SpecError, OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         print(f"raygate: invalid spec {args.spec}: {exc}", file=sys.stderr)
         return 2
     code_dir = (raw.get("cluster") or {}).get("code_dir")

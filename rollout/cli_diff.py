@@ -34,6 +34,8 @@ def read_spec(path: Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError([("", f"{path} is not valid YAML: {exc}")]) from None
+    except UnicodeDecodeError as exc:  # a traceback would exit 1: "a push would change"
+        raise SpecError([("", f"{path} is not UTF-8 text: {exc}")]) from None
     load_spec_file(path)
     code_dir = (raw.get("cluster") or {}).get("code_dir")
     if code_dir and not Path(code_dir).is_absolute():
@@ -64,9 +66,16 @@ def diff(args: argparse.Namespace, client: httpx.Client, out: TextIO | None = No
     if resp.status_code != 200:
         _refused(resp)
         return 2
-    plan: dict[str, Any] = resp.json()
     colour = out.isatty() and not os.environ.get("NO_COLOR")
-    out.write("".join(render(plan, colour)))
+    try:
+        plan: dict[str, Any] = resp.json()
+        text = "".join(render(plan, colour))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Another server at that address (the gateway's port, a proxy): a traceback would
+        # exit 1, "a push would change something".
+        print(f"raygate: {client.base_url} answered, but not a plan: {exc!r}", file=sys.stderr)
+        return 2
+    out.write(text)
     return 0 if plan["change"] == "none" else 1
 
 

@@ -311,7 +311,9 @@ class Controller:
             o = observed.of(cid)
             if o.liveness is Liveness.UP and o.health is None:
                 continue
-            healthy[cid] = (o.liveness is Liveness.UP and o.health is Health.OK) or (
+            # Deployments that scale (autoscaling, a replica replaced) serve meanwhile.
+            up_ok = o.health is Health.OK or (o.health is Health.PENDING and o.serving)
+            healthy[cid] = (o.liveness is Liveness.UP and up_ok) or (
                 o.liveness is Liveness.UNREACHABLE and o.proxy_ok is True
             )
         degraded = {u.cluster: u.since for u in after.unreachable}
@@ -397,6 +399,7 @@ class Controller:
             health = None
             message = seen.message
             proxy_ok = None
+            serving = False
             if liveness is Liveness.UP and expected is not None and expected in revisions:
                 p = state.pending
                 # The smoke probes gate the switch; a canary is judged on real traffic.
@@ -405,7 +408,7 @@ class Controller:
                     info.dashboard_url, info.serve_url, revisions[expected].spec,
                     probes=is_pending, capacity=capacity_of(state, cid, revisions),
                 )  # fmt: skip
-                health, message = report.health, report.message
+                health, message, serving = report.health, report.message, report.serving
             elif liveness is Liveness.UNREACHABLE:
                 proxy_ok = await self.health.proxy_alive(info.serve_url)
             out[cid] = ClusterObservation(
@@ -415,6 +418,7 @@ class Controller:
                 in_flight.get(cid, 0),
                 (self._errors.get((cid, expected)) if expected is not None else None) or seen.error,
                 proxy_ok,
+                serving=serving,
             )
         windows = self._windows(state, revisions)
         return Observation({c: replace(o, window=windows.get(c)) for c, o in out.items()})

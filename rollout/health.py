@@ -20,10 +20,17 @@ TERMINAL_APP = frozenset({"DEPLOY_FAILED"})
 TERMINAL_DEPLOYMENT = frozenset({"DEPLOY_FAILED"})
 
 
+SCALING_DEPLOYMENT = frozenset({"UPSCALING", "DOWNSCALING"})  # Serve: app still RUNNING
+
+
 @dataclass(frozen=True)
 class Report:
     health: Health
     message: str = ""
+    # PENDING only because deployments scale (autoscaling, a replica being replaced) while
+    # every app RUNS with a replica up and every proxy routes: the gate waits, but the
+    # cluster serves (the health metrics, deploy/monitoring/, count it healthy).
+    serving: bool = False
 
 
 def is_subset(expected: Any, actual: Any) -> bool:
@@ -76,6 +83,7 @@ def evaluate_status(
         return Report(Health.FAILED, "\n".join(failures))
     for extra in sorted(set(apps) - set(expected)):
         return Report(Health.PENDING, f"application {extra!r} is still being removed")
+    scaling = ""  # the first deployment that only scales: PENDING, but serving
     for name in expected:
         app = apps[name]
         if app.get("status") != "RUNNING":
@@ -84,14 +92,19 @@ def evaluate_status(
         if not deployments:
             return Report(Health.PENDING, f"application {name!r} reports no deployments yet")
         for dname, dep in deployments.items():
-            if dep.get("status") != "HEALTHY":
-                return Report(Health.PENDING, f"deployment {name}/{dname} is {dep.get('status')}")
+            status_ = dep.get("status")
             running = sum(1 for r in dep.get("replicas") or [] if r.get("state") == "RUNNING")
+            if status_ != "HEALTHY" and (status_ not in SCALING_DEPLOYMENT or running == 0):
+                return Report(Health.PENDING, f"deployment {name}/{dname} is {status_}")
             target = dep.get("target_num_replicas")
-            if target is not None and running != target:
-                return Report(
-                    Health.PENDING, f"deployment {name}/{dname} has {running}/{target} replicas"
-                )
+            short = target is not None and running != target
+            if status_ != "HEALTHY" or short:
+                if running == 0:
+                    return Report(Health.PENDING, f"deployment {name}/{dname} has 0/{target} "
+                                  "replicas")  # fmt: skip
+                scaling = scaling or (f"deployment {name}/{dname} is {status_}" if not short
+                                      else f"deployment {name}/{dname} has {running}/{target} "
+                                      "replicas")  # fmt: skip
     proxies = status.get("proxies") or {}
     if not proxies:
         return Report(Health.PENDING, "no Serve proxy reported yet")
@@ -99,6 +112,8 @@ def evaluate_status(
         state = proxy.get("status") if isinstance(proxy, dict) else proxy
         if state != "HEALTHY":
             return Report(Health.PENDING, f"Serve proxy on node {node[:12]} is {state}")
+    if scaling:
+        return Report(Health.PENDING, scaling, serving=True)
     return Report(Health.OK, "all applications RUNNING, deployments HEALTHY")
 
 
@@ -125,6 +140,9 @@ class HealthChecker:
         except ServeApiError as exc:
             return Report(Health.PENDING, str(exc))
         report = evaluate_status(status, spec.serve, capacity)
+        if report.serving:  # scaling: serving only if its proxy routes the apps too
+            proxy = await self._proxy(serve_url, set(spec.app_routes().values()))
+            return report if proxy.health is Health.OK else proxy
         if report.health is not Health.OK:
             return report
         report = await self._proxy(serve_url, set(spec.app_routes().values()))

@@ -28,6 +28,9 @@ from rollout.store import Store
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {"page.css": "text/css", "page.js": "text/javascript"}
 MAX_FORM_BYTES = 4096
+# The revisions the page draws (page.js): polled every 2 s per tab, so never the whole
+# history (`raygate history` has it).
+HISTORY_SHOWN = 12
 # The page runs only its own script and style: an injected `<script>` in a service's
 # message could not run, and no frame of another site can hold the page.
 HEADERS = {
@@ -196,7 +199,7 @@ def _service(
     status["plan"] = plan
     status["rates"] = rates.series(name) if rates is not None else {}
     status["rates_every_s"] = rates.every_s if rates is not None else None
-    status["history"] = store.history(name)
+    status["history"] = store.history(name, HISTORY_SHOWN)
     if detail:
         status["events"] = store.events(name, 1000)
         clusters = {info.id: info for info, _ in store.clusters()}

@@ -268,6 +268,9 @@ class ClusterObservation:
     in_flight: int = 0
     error: str | None = None  # a permanent error from the last action on this cluster
     proxy_ok: bool | None = None  # the Serve proxy answered (asked when UNREACHABLE)
+    # PENDING only while deployments scale, serving meanwhile (health.Report.serving): the
+    # gates wait; only the health metrics read it.
+    serving: bool = False
     # The gateway's counts for this cluster over the last analysis interval (None: no
     # window that long yet, e.g. just after a restart of raygate).
     window: WindowStats | None = None
@@ -546,7 +549,7 @@ def _supersede(
         return
     b.end_rollout(p.revision, Result.SUPERSEDED, f"superseded by revision {desired.number}")
     active = b.state.active
-    if p.kind is Kind.NEW_CLUSTER and p.cluster_hash == desired.cluster_hash:
+    if reuses_pending(p, desired):
         # Same cluster spec: reuse the pending cluster, only its Serve config changes.
         # A canary's share goes back to stable at once (canary=None): the cluster holds
         # no traffic while the new config deploys on it.
@@ -563,6 +566,16 @@ def _supersede(
         # An in-place update was under way on the active cluster: put its config back.
         b.act(DeployServe(active.cluster, active.revision))
     b.set(pending=None)
+
+
+def reuses_pending(pending: Pending | None, target: Revision) -> bool:
+    """A push while a new cluster is pending for the same cluster spec rolls out on that
+    cluster (`_supersede`), whatever `rollout_kind` says against the active one: the one
+    rule, used by the plan preview (`rollout.preview`) too."""
+    return (
+        pending is not None and pending.kind is Kind.NEW_CLUSTER
+        and pending.cluster_hash == target.cluster_hash
+    )  # fmt: skip
 
 
 def _start(
@@ -794,12 +807,19 @@ def _keep_active_deployed(b: _Builder, observed: Observation) -> None:
         b.act(DeployServe(a.cluster, a.revision, b.state.active_capacity))
 
 
+def drains_when_dropped(p: Pending) -> bool:
+    """A pending cluster given up (superseded, aborted) is kept, retiring, while requests
+    finish: a canary that carried traffic. It then holds one of the MAX_CLUSTERS slots
+    (the plan preview, `rollout.preview`, says so too)."""
+    return p.kind is Kind.NEW_CLUSTER and p.canary is not None
+
+
 def _drop_pending_cluster(
     b: _Builder, p: Pending, revisions: Mapping[int, Revision], now: float, why: str
 ) -> None:
     """A canary that carried traffic is retired (its requests in flight finish, then it is
     deleted); one that never did is deleted at once."""
-    if p.canary is None:
+    if not drains_when_dropped(p):
         b.act(DeleteCluster(p.cluster, why))
         return
     drain = _drain_s(revisions.get(p.revision))

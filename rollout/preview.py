@@ -16,7 +16,16 @@ from typing import Any
 
 import yaml
 
-from rollout.plan import MAX_CLUSTERS, Kind, Revision, ServiceState, baking_match, rollout_kind
+from rollout.plan import (
+    MAX_CLUSTERS,
+    Kind,
+    Revision,
+    ServiceState,
+    baking_match,
+    drains_when_dropped,
+    reuses_pending,
+    rollout_kind,
+)
 from rollout.spec import ServiceSpec
 
 MAX_REASONS = 20  # a spec rewritten in full would list every field: the diff shows the rest
@@ -54,6 +63,9 @@ def preview(
             why = f"identical to revision {identical_to} ({result}), the newest pushed"
         return {**out, "change": "none", "reasons": [why], "strategy": None}
     how = rollout_kind(state.active if state else None, live, target)
+    # A pending new cluster with this cluster spec takes the push, even one that would be
+    # in place on the active cluster (the live spec again during a canary): `_supersede`.
+    reuse = state is not None and reuses_pending(state.pending, target)
     reasons: list[str] = []
     if live is None:
         reasons.append("no live revision")
@@ -65,14 +77,20 @@ def preview(
         reasons += changes(_rest(live.spec), _rest(spec), "")
     if len(reasons) > MAX_REASONS:
         reasons[MAX_REASONS:] = [f"... and {len(reasons) - MAX_REASONS} more"]
-    change = how.kind.value
+    change = Kind.NEW_CLUSTER.value if reuse else how.kind.value
     if not reasons:  # in place: the live spec again, while a newer one rolls out or failed
         reasons = ["the live revision's spec again"]
     if state is not None:
         reasons += _notes(state, target, revisions, now)
-        held = len(state.retiring) + (1 if state.active else 0)
-        if change == Kind.NEW_CLUSTER.value and held >= MAX_CLUSTERS and state.pending is None:
-            names = ", ".join(r.cluster for r in state.retiring)
+        # The clusters held once this push supersedes what is pending (`_supersede`): a
+        # canary that carried traffic drains first, holding its slot.
+        retiring = [r.cluster for r in state.retiring]
+        p = state.pending
+        if p is not None and not reuse and drains_when_dropped(p):
+            retiring.append(p.cluster)
+        held = len(retiring) + (1 if state.active else 0)
+        if change == Kind.NEW_CLUSTER.value and not reuse and held >= MAX_CLUSTERS:
+            names = ", ".join(retiring)
             reasons.append(f"waits for retiring cluster {names} to be deleted first")
     canary = target.canary and change == Kind.NEW_CLUSTER.value
     upgrade = spec.upgrade
@@ -107,7 +125,7 @@ def _notes(
     p = state.pending
     if p is not None:
         notes.append(f"supersedes revision {p.revision}, rolling out now")
-        if p.kind is Kind.NEW_CLUSTER and p.cluster_hash == target.cluster_hash:
+        if reuses_pending(p, target):
             notes.append(f"reuses revision {p.revision}'s pending cluster {p.cluster}")
     for r in baking_match(state, target, revisions, now):
         notes.append(f"cluster {r.cluster} still bakes revision {r.revision}: traffic goes "

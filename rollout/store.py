@@ -284,15 +284,16 @@ class Store:
         ).fetchone()
         return self.revision(name, int(row[0]))
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str, newest: int = -1) -> list[dict[str, Any]]:
+        """Every revision, oldest first; only the `newest` n of them if n >= 0."""
         rows = self._db.execute(
             "SELECT number, spec_hash, pushed_at, result, message, finished_at, rollback_of "
-            "FROM revisions WHERE service=? ORDER BY number",
-            (name,),
-        )
+            "FROM revisions WHERE service=? ORDER BY number DESC LIMIT ?",
+            (name, newest),
+        ).fetchall()
         keys = ("revision", "spec_hash", "pushed_at", "result", "message", "finished_at",
                 "rollback_of")  # fmt: skip
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
 
     def latest_specs(self) -> dict[str, ServiceSpec]:
         """The newest spec of every service that is not being deleted."""

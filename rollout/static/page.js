@@ -298,7 +298,9 @@ function render(state) {
   const main = document.getElementById("main");
   const list = state.services || [];
   if (!list.length) {
-    main.replaceChildren(h("p", { class: "empty", text: "No services yet: push a spec with `raygate push SPEC`." }));
+    main.replaceChildren(SERVICE
+      ? h("p", { class: "empty" }, `No service ${SERVICE}: deleted, or never pushed. `, h("a", { href: "/", text: "← all services" }))
+      : h("p", { class: "empty", text: "No services yet: push a spec with `raygate push SPEC`." }));
     return;
   }
   const open = new Set([...main.querySelectorAll("details[open] summary")].map((e) => e.textContent));
@@ -319,8 +321,11 @@ async function poll() {
       window.location.assign("/");
       return;
     }
-    if (!r.ok) throw new Error(`HTTP ${r.status}`);
-    render(await r.json());
+    // A service's page of a service that is gone: raygate answered, so say that (not
+    // "unreachable" over the last state drawn, with its buttons), and keep asking.
+    if (r.status === 404 && SERVICE) render({ services: [] });
+    else if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    else render(await r.json());
     conn.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
     conn.className = "conn ok";
     document.body.classList.remove("stale");
