@@ -125,7 +125,8 @@ class Metrics:
         self.healthy_clusters = Gauge(
             "raygate_service_healthy_clusters",
             "Clusters of a service that take a share of its traffic and are healthy; absent "
-            "before the service first goes live and while it is being deleted.",
+            "while its first deploy is under way and while it is being deleted (0 once a "
+            "first deploy failed: the service serves nothing).",
             ["service"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.degraded_since = Gauge(

@@ -310,11 +310,15 @@ function render(state) {
 }
 
 let timer = null;
+let asked = 0;  // polls overlap (an action polls at once): only the newest answer is drawn
+
 async function poll() {
   const conn = document.getElementById("conn");
+  const mine = ++asked;
   try {
     const r = await fetch(SERVICE ? `/ui/state/${encodeURIComponent(SERVICE)}` : "/ui/state",
       { credentials: "same-origin", cache: "no-store" });
+    if (mine !== asked) return;  // a newer poll is under way, and it keeps the timer
     if (r.status === 401) {
       conn.textContent = "session ended: log in again";
       conn.className = "conn bad";
@@ -325,11 +329,16 @@ async function poll() {
     // "unreachable" over the last state drawn, with its buttons), and keep asking.
     if (r.status === 404 && SERVICE) render({ services: [] });
     else if (!r.ok) throw new Error(`HTTP ${r.status}`);
-    else render(await r.json());
+    else {
+      const state = await r.json();
+      if (mine !== asked) return;
+      render(state);
+    }
     conn.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
     conn.className = "conn ok";
     document.body.classList.remove("stale");
   } catch (e) {
+    if (mine !== asked) return;
     conn.textContent = `raygate unreachable, retrying… (${e.message || e})`;
     conn.className = "conn bad";
     document.body.classList.add("stale");  // what is shown is the last thing raygate said
