@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except httpx.TransportError as exc:  # a client command, and raygate is not there
+        url = getattr(args, "admin_url", "the admin API")
+        print(f"raygate: cannot reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return code
 
 
@@ -405,8 +410,12 @@ def _wait_for(
     client: httpx.Client, name: str, revision: int, timeout: float, progress: Progress
 ) -> tuple[int, str]:
     deadline = time.monotonic() + timeout
+    poll = _Poll(client)
     while time.monotonic() < deadline:
-        resp = client.get(f"/v1/services/{name}")
+        resp = poll.get(f"/v1/services/{name}")
+        if resp is None:  # raygate restarts: the rollout goes on without it, so does the wait
+            time.sleep(1.0)
+            continue
         if resp.status_code != 200:
             progress.close()
             return _fail(resp), ""
@@ -426,8 +435,53 @@ def _wait_for(
                 f"{p.get('message') or 'paused'}; `raygate promote {name}` goes on, "
                 f"`raygate abort {name}` stops it"
             )
+        newer = s.get("desired_revision", revision)
+        if newer > revision and p.get("revision") != revision:
+            # A newer push (or a rollback) took its place. The status then shows the newer
+            # rollout, never this one's end: its own result is in the history.
+            ended = _ended(poll, name, revision, newer)
+            if ended is not None:
+                return ended
         time.sleep(1.0)
     return 1, f"raygate: gave up waiting after {timeout:g}s"
+
+
+def _ended(poll: _Poll, name: str, revision: int, newer: int) -> tuple[int, str] | None:
+    """How `revision`, replaced by revision `newer`, ended: 0 if it went live first, else 1
+    (None: raygate did not answer, ask again)."""
+    resp = poll.get(f"/v1/services/{name}/history")
+    if resp is None or resp.status_code != 200:
+        return None
+    entry: dict[str, Any] = next((e for e in resp.json() if e.get("revision") == revision), {})
+    result = entry.get("result")
+    if result == "succeeded":
+        return 0, f"{name}: revision {revision} went live; revision {newer} replaces it now"
+    if result in (None, "pending", "in_progress"):
+        return 1, f"{name}: revision {revision} superseded by revision {newer}"
+    return 1, f"{name}: revision {revision} {result}: {entry.get('message') or ''}"
+
+
+class _Poll:
+    """The GETs of a wait or a watch. raygate that does not answer for a while (a restart,
+    `up --on-exit keep`) is said once, and again when it answers: the caller polls on."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.down = False
+
+    def get(self, path: str) -> httpx.Response | None:
+        try:
+            resp = self.client.get(path)
+        except httpx.TransportError as exc:
+            if not self.down:
+                print(f"raygate: {self.client.base_url} does not answer ({type(exc).__name__}: "
+                      f"{exc}); trying again", file=sys.stderr, flush=True)  # fmt: skip
+                self.down = True
+            return None
+        if self.down:
+            print(f"raygate: {self.client.base_url} answers again", file=sys.stderr, flush=True)
+            self.down = False
+        return resp
 
 
 def _progress(s: dict[str, Any]) -> str:
@@ -467,17 +521,22 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(client: httpx.Client, path: str, progress: Progress) -> int:
-    """`status --watch` until Ctrl-C (exit 130, no traceback) or an error (1)."""
+    """`status --watch` until Ctrl-C (exit 130, no traceback) or an error (1). A raygate
+    that answered once and then does not (a restart) is polled on; one that never answered
+    is an error."""
+    poll = _Poll(client)
     with progress:
         try:
+            resp: httpx.Response | None = client.get(path)
             while True:
-                resp = client.get(path)
-                if resp.status_code != 200:
-                    progress.close()
-                    return _fail(resp)
-                body = resp.json()
-                progress.show(body if isinstance(body, list) else [body])
+                if resp is not None:
+                    if resp.status_code != 200:
+                        progress.close()
+                        return _fail(resp)
+                    body = resp.json()
+                    progress.show(body if isinstance(body, list) else [body])
                 time.sleep(1.0)
+                resp = poll.get(path)
         except KeyboardInterrupt:
             return 130
 
