@@ -55,7 +55,7 @@ from gateway.haproxy_config import (
     server_names,
     topology,
 )
-from gateway.haproxy_health import changes, cluster_health
+from gateway.haproxy_health import changes, cluster_health, in_table
 from gateway.haproxy_names import weight_commands
 from gateway.haproxy_process import Master, is_ours, log_tail, masters_of
 from gateway.metrics import Metrics
@@ -539,8 +539,9 @@ class HAProxyEngine:
     def _tell_health(self, rows: list[dict[str, str]]) -> None:
         """Log, in service and cluster names, a cluster whose Serve proxy started failing
         HAProxy's health check or passes it again: once per change (`haproxy_health`)."""
+        health = cluster_health(rows, self._routes, self._clusters)
         told, self._told_down = changes(
-            self._told_down, cluster_health(rows, self._routes, self._clusters)
+            self._told_down, health, in_table(rows, self._routes, self._clusters)
         )
         for change in told:
             (log.info if change.health.up else log.warning)("%s", change.message)
