@@ -377,9 +377,13 @@ def _push(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out), flush=True)
         if out.get("unchanged"):
-            print(f"{out['name']}: {out['message']}", file=say)
-            return 0
-        print(f"{out['name']}: revision {out['revision']} pushed", file=say, flush=True)
+            print(f"{out['name']}: {out['message']}", file=say, flush=True)
+            if not args.wait:
+                return 0
+            # With --wait, the revision it is identical to decides: live 0, aborted 1, under
+            # way: wait for it (a CI job retried after an abort must not pass).
+        else:
+            print(f"{out['name']}: revision {out['revision']} pushed", file=say, flush=True)
         if not args.wait:
             return 0
         mode = choose_mode(args.json, sys.stdout)
@@ -424,7 +428,8 @@ def _wait_for(
         lr = s.get("last_rollout") or {}
         if s.get("active") and s["active"]["revision"] == revision and not s.get("pending"):
             return 0, f"{name}: revision {revision} is live on {s['active']['cluster']}"
-        if lr.get("revision") == revision and lr.get("result") in ("aborted", "superseded"):
+        failed = ("aborted", "superseded", "rolled_back")
+        if lr.get("revision") == revision and lr.get("result") in failed:
             return 1, f"{name}: revision {revision} {lr['result']}: {lr.get('message', '')}"
         p = s.get("pending") or {}
         if p.get("revision") == revision and p.get("paused"):
@@ -435,30 +440,33 @@ def _wait_for(
                 f"{p.get('message') or 'paused'}; `raygate promote {name}` goes on, "
                 f"`raygate abort {name}` stops it"
             )
-        newer = s.get("desired_revision", revision)
-        if newer > revision and p.get("revision") != revision:
-            # A newer push (or a rollback) took its place. The status then shows the newer
-            # rollout, never this one's end: its own result is in the history.
-            ended = _ended(poll, name, revision, newer)
+        if p.get("revision") != revision:
+            # Not under way: not started yet, or ended. A newer push (or a rollback) that
+            # took its place shows its own rollout in the status, never this one's end;
+            # the history has it.
+            ended = _ended(poll, name, revision, s.get("desired_revision", revision))
             if ended is not None:
                 return ended
         time.sleep(1.0)
     return 1, f"raygate: gave up waiting after {timeout:g}s"
 
 
-def _ended(poll: _Poll, name: str, revision: int, newer: int) -> tuple[int, str] | None:
-    """How `revision`, replaced by revision `newer`, ended: 0 if it went live first, else 1
-    (None: raygate did not answer, ask again)."""
+def _ended(poll: _Poll, name: str, revision: int, newest: int) -> tuple[int, str] | None:
+    """How `revision` ended, from the history (None: not yet, or raygate did not answer):
+    1 if it failed, or if a newer revision `newest` replaced it before it went live; 0 if
+    it went live before one did."""
     resp = poll.get(f"/v1/services/{name}/history")
     if resp is None or resp.status_code != 200:
         return None
     entry: dict[str, Any] = next((e for e in resp.json() if e.get("revision") == revision), {})
     result = entry.get("result")
+    if result in ("aborted", "superseded", "rolled_back"):
+        return 1, f"{name}: revision {revision} {result}: {entry.get('message') or ''}"
+    if newest <= revision:
+        return None  # (still to start, or live: the status says so)
     if result == "succeeded":
-        return 0, f"{name}: revision {revision} went live; revision {newer} replaces it now"
-    if result in (None, "pending", "in_progress"):
-        return 1, f"{name}: revision {revision} superseded by revision {newer}"
-    return 1, f"{name}: revision {revision} {result}: {entry.get('message') or ''}"
+        return 0, f"{name}: revision {revision} went live; revision {newest} replaces it now"
+    return 1, f"{name}: revision {revision} superseded by revision {newest}"
 
 
 class _Poll:

@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+import yaml
 
 from rollout.api import create_admin_app
-from rollout.cli import _wait
+from rollout.cli import _wait, main
 from rollout.plan import Active, Kind, Pending, Result, RolloutRecord, ServiceState, Step
 from rollout.progress import Mode, Progress
 from rollout.spec import parse_spec
@@ -200,3 +201,30 @@ def test_a_watch_of_a_raygate_that_is_not_there_says_so_without_a_traceback(
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert url in done.stderr, done.stderr
+
+
+def test_push_wait_of_a_spec_whose_revision_was_aborted_is_1_not_0(
+    admin: Admin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CI job retried after its rollout aborted pushes the same spec again: raygate answers
+    "identical to revision 2, which was aborted and is not tried again". `--wait` must not
+    say 0 ("live") for a revision that is not live."""
+    r2_in_health(admin.store)
+    aborted = RolloutRecord(2, Result.ABORTED, "deployment digits/D DEPLOY_FAILED")
+    put_state(admin.store, ServiceState("digits", Active("c1", 1, "h1"), last_rollout=aborted),
+              aborted)  # fmt: skip
+    path = tmp_path / "v2.yaml"
+    path.write_text(yaml.safe_dump(spec(label="b")))
+    argv = ["push", str(path), "--wait", "--timeout", "5", "--admin-url", admin.url]
+    assert main(argv) == 1, capsys.readouterr()
+    assert "aborted" in capsys.readouterr().err
+
+
+def test_push_wait_of_the_live_spec_again_is_0(
+    admin: Admin, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live_r1(admin.store)
+    path = tmp_path / "v1.yaml"
+    path.write_text(yaml.safe_dump(spec(label="a")))
+    argv = ["push", str(path), "--wait", "--timeout", "5", "--admin-url", admin.url]
+    assert main(argv) == 0, capsys.readouterr()
