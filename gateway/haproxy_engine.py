@@ -55,9 +55,9 @@ from gateway.haproxy_config import (
     server_names,
     topology,
 )
-from gateway.haproxy_health import changes, cluster_health
+from gateway.haproxy_health import changes, cluster_health, in_table
 from gateway.haproxy_names import weight_commands
-from gateway.haproxy_process import Master, is_ours, log_tail, masters_of
+from gateway.haproxy_process import Master, is_ours, log_tail, masters_of, trim_log
 from gateway.metrics import Metrics
 from gateway.routes import Route, RouteTable
 
@@ -239,7 +239,7 @@ class HAProxyEngine:
         master = Master.spawn([
             s.binary or haproxy_binary(), "-W", "-S", f"{s.master_socket},mode,600",
             "-f", str(s.config_path),
-        ], s.log_path)  # fmt: skip
+        ], s.log_path, s.log_max_bytes)  # fmt: skip
         self._master = master
         log.info("haproxy master %s started; its own messages go to %s", master.pid, s.log_path)
         deadline = asyncio.get_running_loop().time() + 15
@@ -503,6 +503,9 @@ class HAProxyEngine:
         while not self._stopping:
             with contextlib.suppress(OSError, HAProxyError, ValueError, TimeoutError):
                 await self._collect()
+            with contextlib.suppress(OSError):  # (a full disk: the next poll tries again)
+                s = self.settings
+                await asyncio.to_thread(trim_log, s.log_path, s.log_max_bytes)
             await asyncio.sleep(1.0)
 
     async def _collect(self) -> None:
@@ -539,8 +542,9 @@ class HAProxyEngine:
     def _tell_health(self, rows: list[dict[str, str]]) -> None:
         """Log, in service and cluster names, a cluster whose Serve proxy started failing
         HAProxy's health check or passes it again: once per change (`haproxy_health`)."""
+        health = cluster_health(rows, self._routes, self._clusters)
         told, self._told_down = changes(
-            self._told_down, cluster_health(rows, self._routes, self._clusters)
+            self._told_down, health, in_table(rows, self._routes, self._clusters)
         )
         for change in told:
             (log.info if change.health.up else log.warning)("%s", change.message)

@@ -106,17 +106,33 @@ def cluster_health(
     return out
 
 
+def in_table(
+    rows: Iterable[Mapping[str, str]], routes: Mapping[str, Route], clusters: Mapping[str, str]
+) -> set[Key]:
+    """(service, cluster) of every server row the names map back, checked or not yet."""
+    out = set()
+    for row in rows:
+        route, cluster = routes.get(row.get("pxname", "")), clusters.get(row.get("svname", ""))
+        if route is not None and cluster is not None:
+            out.add((route.service, cluster))
+    return out
+
+
 def changes(
-    told_down: AbstractSet[Key], now: Mapping[Key, ClusterHealth]
+    told_down: AbstractSet[Key],
+    now: Mapping[Key, ClusterHealth],
+    unchecked: AbstractSet[Key] = frozenset(),
 ) -> tuple[list[HealthChange], set[Key]]:
     """What to tell, and the clusters told DOWN since. A cluster is told DOWN once, when its
     check fails while it has weight: a pending cluster at weight 0 whose Serve proxy is
     still starting (it is in the table before it takes traffic) or a retiring one going
     away is raygate's own business, which it reports in its own steps. It is told UP once,
     when it passes again after it was told DOWN. A cluster that left the table is forgotten
-    without a word."""
+    without a word; one still in it whose checks have no result yet (`unchecked`: the new
+    worker of a reload starts every check over) stays told, or every reload would tell its
+    DOWN again and an UP in between would never be told."""
     out = []
-    down = set()
+    down = {key for key in told_down if key in unchecked and key not in now}
     for key, health in sorted(now.items()):
         if health.up:
             if key in told_down:

@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import os
 import select
+import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -80,14 +81,35 @@ def is_ours(pid: int, config_path: Path, binary: str | None = None) -> bool:
 LOG_ROTATE_BYTES = 16 * 1024 * 1024  # a few lines per reload or state change: months of them
 
 
-def open_log(path: Path) -> int:
+def open_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES) -> int:
     """A write-only, append-only fd on HAProxy's log (mode 0600: it names addresses). When
-    it has grown past LOG_ROTATE_BYTES it becomes `<name>.1` first (a master still writing
+    it has grown past `max_bytes` it becomes `<name>.1` first (a master still writing
     to the old file keeps writing there: appends never overwrite)."""
     with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_size > LOG_ROTATE_BYTES:
+        if path.stat().st_size > max_bytes:
             os.replace(path, path.with_name(path.name + ".1"))
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def trim_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES) -> bool:
+    """The log of a master that runs on (it outlives raygate: adopted, it may run for
+    months) past `max_bytes`: copied to `<name>.1`, then emptied in place. Its fd was opened
+    O_APPEND (`open_log`), so HAProxy's next line goes to the start of the emptied file,
+    never past a hole; a line written between the copy and the truncation is lost. True if
+    it trimmed."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+        old = path.with_name(path.name + ".1")
+        tmp = path.with_name(path.name + ".1.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, old)
+        os.truncate(path, 0)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def log_tail(path: Path, lines: int = 3) -> str:
@@ -113,7 +135,9 @@ class Master:
         self._fd: int | None = os.pidfd_open(pid)  # ProcessLookupError if it is gone
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], log_path: Path) -> Master:
+    def spawn(
+        cls, argv: Sequence[str], log_path: Path, log_max_bytes: int = LOG_ROTATE_BYTES
+    ) -> Master:
         """HAProxy gets raygate's environment without raygate's own settings: a RAYGATE_*
         variable may be a secret (RAYGATE_TOKEN), and HAProxy outlives raygate.
 
@@ -123,7 +147,7 @@ class Master:
         not a pipe: HAProxy outlives raygate, and a pipe with no reader would kill it
         (SIGPIPE) or block it."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAYGATE_")}
-        out = open_log(log_path)
+        out = open_log(log_path, log_max_bytes)
         try:
             child = subprocess.Popen(
                 argv,

@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except httpx.TransportError as exc:  # a client command, and raygate is not there
+        url = getattr(args, "admin_url", "the admin API")
+        print(f"raygate: cannot reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return code
 
 
@@ -372,9 +377,13 @@ def _push(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out), flush=True)
         if out.get("unchanged"):
-            print(f"{out['name']}: {out['message']}", file=say)
-            return 0
-        print(f"{out['name']}: revision {out['revision']} pushed", file=say, flush=True)
+            print(f"{out['name']}: {out['message']}", file=say, flush=True)
+            if not args.wait:
+                return 0
+            # With --wait, the revision it is identical to decides: live 0, aborted 1, under
+            # way: wait for it (a CI job retried after an abort must not pass).
+        else:
+            print(f"{out['name']}: revision {out['revision']} pushed", file=say, flush=True)
         if not args.wait:
             return 0
         mode = choose_mode(args.json, sys.stdout)
@@ -405,8 +414,12 @@ def _wait_for(
     client: httpx.Client, name: str, revision: int, timeout: float, progress: Progress
 ) -> tuple[int, str]:
     deadline = time.monotonic() + timeout
+    poll = _Poll(client)
     while time.monotonic() < deadline:
-        resp = client.get(f"/v1/services/{name}")
+        resp = poll.get(f"/v1/services/{name}")
+        if resp is None:  # raygate restarts: the rollout goes on without it, so does the wait
+            time.sleep(1.0)
+            continue
         if resp.status_code != 200:
             progress.close()
             return _fail(resp), ""
@@ -415,7 +428,8 @@ def _wait_for(
         lr = s.get("last_rollout") or {}
         if s.get("active") and s["active"]["revision"] == revision and not s.get("pending"):
             return 0, f"{name}: revision {revision} is live on {s['active']['cluster']}"
-        if lr.get("revision") == revision and lr.get("result") in ("aborted", "superseded"):
+        failed = ("aborted", "superseded", "rolled_back")
+        if lr.get("revision") == revision and lr.get("result") in failed:
             return 1, f"{name}: revision {revision} {lr['result']}: {lr.get('message', '')}"
         p = s.get("pending") or {}
         if p.get("revision") == revision and p.get("paused"):
@@ -426,8 +440,56 @@ def _wait_for(
                 f"{p.get('message') or 'paused'}; `raygate promote {name}` goes on, "
                 f"`raygate abort {name}` stops it"
             )
+        if p.get("revision") != revision:
+            # Not under way: not started yet, or ended. A newer push (or a rollback) that
+            # took its place shows its own rollout in the status, never this one's end;
+            # the history has it.
+            ended = _ended(poll, name, revision, s.get("desired_revision", revision))
+            if ended is not None:
+                return ended
         time.sleep(1.0)
     return 1, f"raygate: gave up waiting after {timeout:g}s"
+
+
+def _ended(poll: _Poll, name: str, revision: int, newest: int) -> tuple[int, str] | None:
+    """How `revision` ended, from the history (None: not yet, or raygate did not answer):
+    1 if it failed, or if a newer revision `newest` replaced it before it went live; 0 if
+    it went live before one did."""
+    resp = poll.get(f"/v1/services/{name}/history")
+    if resp is None or resp.status_code != 200:
+        return None
+    entry: dict[str, Any] = next((e for e in resp.json() if e.get("revision") == revision), {})
+    result = entry.get("result")
+    if result in ("aborted", "superseded", "rolled_back"):
+        return 1, f"{name}: revision {revision} {result}: {entry.get('message') or ''}"
+    if newest <= revision:
+        return None  # (still to start, or live: the status says so)
+    if result == "succeeded":
+        return 0, f"{name}: revision {revision} went live; revision {newest} replaces it now"
+    return 1, f"{name}: revision {revision} superseded by revision {newest}"
+
+
+class _Poll:
+    """The GETs of a wait or a watch. raygate that does not answer for a while (a restart,
+    `up --on-exit keep`) is said once, and again when it answers: the caller polls on."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.down = False
+
+    def get(self, path: str) -> httpx.Response | None:
+        try:
+            resp = self.client.get(path)
+        except httpx.TransportError as exc:
+            if not self.down:
+                print(f"raygate: {self.client.base_url} does not answer ({type(exc).__name__}: "
+                      f"{exc}); trying again", file=sys.stderr, flush=True)  # fmt: skip
+                self.down = True
+            return None
+        if self.down:
+            print(f"raygate: {self.client.base_url} answers again", file=sys.stderr, flush=True)
+            self.down = False
+        return resp
 
 
 def _progress(s: dict[str, Any]) -> str:
@@ -467,17 +529,22 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(client: httpx.Client, path: str, progress: Progress) -> int:
-    """`status --watch` until Ctrl-C (exit 130, no traceback) or an error (1)."""
+    """`status --watch` until Ctrl-C (exit 130, no traceback) or an error (1). A raygate
+    that answered once and then does not (a restart) is polled on; one that never answered
+    is an error."""
+    poll = _Poll(client)
     with progress:
         try:
+            resp: httpx.Response | None = client.get(path)
             while True:
-                resp = client.get(path)
-                if resp.status_code != 200:
-                    progress.close()
-                    return _fail(resp)
-                body = resp.json()
-                progress.show(body if isinstance(body, list) else [body])
+                if resp is not None:
+                    if resp.status_code != 200:
+                        progress.close()
+                        return _fail(resp)
+                    body = resp.json()
+                    progress.show(body if isinstance(body, list) else [body])
                 time.sleep(1.0)
+                resp = poll.get(path)
         except KeyboardInterrupt:
             return 130
 

@@ -70,8 +70,9 @@ class RolloutEvent:
 
 
 def rollout_events(before: ServiceState, decision: Decision, now: float) -> list[RolloutEvent]:
-    """What `decision` did to the service, in the order it happened: a rollout's start and
-    gates first, then the traffic it moved, then how rollouts ended, then cluster health."""
+    """What `decision` did to the service, in the order it happened: a superseded rollout's
+    end, a rollout's start and gates, then the traffic it moved, then how rollouts ended,
+    then cluster health."""
     after = decision.state
     out: list[RolloutEvent] = []
 
@@ -80,6 +81,11 @@ def rollout_events(before: ServiceState, decision: Decision, now: float) -> list
         out.append(RolloutEvent(before.name, kind, revision, message, now, cluster))
 
     bp, ap = before.pending, after.pending
+    # A push supersedes the rollout under way before the newer one starts (one tick): said
+    # in that order, or a receiver that tracks the rollout under way would think none is.
+    superseded = [r for r in decision.finished if r.result is Result.SUPERSEDED]
+    for record in superseded:
+        add(EventKind.SUPERSEDED, record.revision, record.message or record.result.value)
     if ap is not None and (bp is None or bp.revision != ap.revision):
         how = "in place" if ap.kind is Kind.IN_PLACE else "on a new cluster"
         add(EventKind.STARTED, ap.revision, f"rollout of revision {ap.revision} started {how} "
@@ -106,7 +112,8 @@ def rollout_events(before: ServiceState, decision: Decision, now: float) -> list
             f"all traffic on {aa.cluster} (revision {aa.revision})"
             + (f", was on {ba.cluster}" if ba is not None else ""), aa.cluster)  # fmt: skip
     for record in decision.finished:
-        add(_ENDED[record.result], record.revision, record.message or record.result.value)
+        if record.result is not Result.SUPERSEDED:
+            add(_ENDED[record.result], record.revision, record.message or record.result.value)
     lost = {a.cluster for a in decision.actions if isinstance(a, DeleteCluster)
             and a.reason == "dead"}  # fmt: skip
     if ba is not None and ba.cluster in lost:

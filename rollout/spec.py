@@ -251,6 +251,12 @@ def parse_spec(raw: Any, paths: PathPolicy | None = None) -> ServiceSpec:
             why = webhook_url_problem(hook.url)
             if why is not None:
                 problems.append((f"notifications.webhooks.{i}.url", why))
+            if hook.secret_env is not None and not hook.secret_env.startswith(OUR_ENV_PREFIX):
+                # Ray clusters and HAProxy inherit raygate's environment but for its own
+                # variables: any other name would hand the secret to every cluster's code.
+                problems.append((f"notifications.webhooks.{i}.secret_env", f"must start "
+                                 f"with {OUR_ENV_PREFIX} (raygate keeps those out of the "
+                                 "environment of Ray clusters and HAProxy)"))  # fmt: skip
     serve = _validate_serve(spec.serve, problems)
     cluster = _resolve_cluster(spec.cluster, paths or PathPolicy(), problems)
     if problems:

@@ -60,7 +60,7 @@ def test_a_push_that_supersedes_a_rollout_ends_it_and_starts_the_next() -> None:
     after = replace(LIVE, pending=pending(Step.DEPLOY, revision=3))
     done = RolloutRecord(2, Result.SUPERSEDED, "superseded by revision 3")
     assert kinds(before, Decision(after, finished=(done,))) == [
-        EventKind.STARTED, EventKind.SUPERSEDED]  # fmt: skip
+        EventKind.SUPERSEDED, EventKind.STARTED]  # fmt: skip
 
 
 def test_blue_green_passes_switches_and_succeeds_in_that_order() -> None:

@@ -53,10 +53,11 @@ def test_a_spec_without_notifications_keeps_the_hash_it_had_before_they_existed(
 
 def test_notifications_change_the_revision_not_the_cluster_or_serve_config() -> None:
     a = parse_spec(base())
-    b = parse_spec(with_hooks({"url": "https://hooks.example/x", "secret_env": "HOOK_KEY"}))
+    b = parse_spec(with_hooks({"url": "https://hooks.example/x", "secret_env": "RAYGATE_HOOK_KEY"}))
     assert (a.cluster_hash(), a.serve_hash()) == (b.cluster_hash(), b.serve_hash())
     assert a.spec_hash() != b.spec_hash()
-    assert b.notifications is not None and b.notifications.webhooks[0].secret_env == "HOOK_KEY"
+    assert b.notifications is not None
+    assert b.notifications.webhooks[0].secret_env == "RAYGATE_HOOK_KEY"
 
 
 @pytest.mark.parametrize(("url", "why"), [
