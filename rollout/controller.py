@@ -34,7 +34,7 @@ from gateway.dataplane import ANY_CLUSTER, DataPlane
 from gateway.metrics import Metrics
 from gateway.routes import RouteTable
 from rollout.analysis import Sampler, WindowStats
-from rollout.events import rollout_events
+from rollout.events import DEGRADED_GRACE_S, degraded_told, rollout_events
 from rollout.health import HealthChecker
 from rollout.notify import Notifier
 from rollout.plan import (
@@ -107,6 +107,8 @@ class Controller:
     ) -> None:
         self.store = store
         self.notifier = notifier
+        # Per service, the clusters webhooks were told are degraded (events.degraded_told).
+        self._degraded_told: dict[str, frozenset[str]] = {}
         self.provider = provider
         self.dataplane = dataplane
         self.settings = settings or ControllerSettings()
@@ -331,7 +333,14 @@ class Controller:
         if self.notifier is None:
             return
         try:
-            events = rollout_events(before, decision, now)
+            told = self._degraded_told.get(before.name, frozenset())
+            events = rollout_events(before, decision, now, told, DEGRADED_GRACE_S)
+            if decision.gone:
+                self._degraded_told.pop(before.name, None)
+            else:
+                self._degraded_told[before.name] = degraded_told(
+                    decision.state, told, now, DEGRADED_GRACE_S
+                )
             if events:
                 self.notifier.publish(events, desired.spec.notifications)
         except Exception:

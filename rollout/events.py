@@ -69,10 +69,32 @@ class RolloutEvent:
         }
 
 
-def rollout_events(before: ServiceState, decision: Decision, now: float) -> list[RolloutEvent]:
+# A dashboard that misses an answer or two (a GC pause, a busy head under load) is said to be
+# degraded only once it has been silent this long: a webhook pair per hiccup is noise.
+DEGRADED_GRACE_S = 30.0
+
+
+def degraded_told(
+    state: ServiceState, told: frozenset[str], now: float, grace_s: float
+) -> frozenset[str]:
+    """The clusters a receiver has been told are degraded, after this tick: those told
+    before that are still unreachable, and those unreachable for `grace_s` or longer."""
+    return frozenset(
+        u.cluster for u in state.unreachable if u.cluster in told or now - u.since >= grace_s
+    )
+
+
+def rollout_events(
+    before: ServiceState,
+    decision: Decision,
+    now: float,
+    told: frozenset[str] | None = None,
+    grace_s: float = 0.0,
+) -> list[RolloutEvent]:
     """What `decision` did to the service, in the order it happened: a superseded rollout's
     end, a rollout's start and gates, then the traffic it moved, then how rollouts ended,
-    then cluster health."""
+    then cluster health. `told` names the clusters already said to be degraded (None: those
+    unreachable before this tick); one is said degraded once unreachable for `grace_s`."""
     after = decision.state
     out: list[RolloutEvent] = []
 
@@ -120,16 +142,18 @@ def rollout_events(before: ServiceState, decision: Decision, now: float) -> list
         add(EventKind.CLUSTER_LOST, ba.revision,
             f"active cluster {ba.cluster} is gone", ba.cluster)  # fmt: skip
     was_down = {u.cluster: u.since for u in before.unreachable}
-    now_down = {u.cluster for u in after.unreachable}
+    if told is None:
+        told = frozenset(was_down)
+    told_now = degraded_told(after, told, now, grace_s)
     held = set(after.clusters())
     for u in after.unreachable:
-        if u.cluster not in was_down:
+        if u.cluster in told_now and u.cluster not in told:
             add(EventKind.CLUSTER_DEGRADED, after.expected_revision(u.cluster),
-                f"dashboard of cluster {u.cluster} does not answer; it keeps its role",
-                u.cluster)  # fmt: skip
-    for cluster, since in was_down.items():
-        if cluster not in now_down and cluster in held:
+                f"dashboard of cluster {u.cluster} does not answer "
+                f"(for {now - u.since:.0f}s); it keeps its role", u.cluster)  # fmt: skip
+    for cluster in sorted(told - told_now):
+        if cluster in held and cluster in was_down:
             add(EventKind.CLUSTER_RECOVERED, after.expected_revision(cluster),
-                f"dashboard of cluster {cluster} answers again after {now - since:.0f}s",
-                cluster)  # fmt: skip
+                f"dashboard of cluster {cluster} answers again after "
+                f"{now - was_down[cluster]:.0f}s", cluster)  # fmt: skip
     return out

@@ -6,9 +6,16 @@ makes them, and checks which events a webhook receiver would get, in which order
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
-from rollout.events import EventKind, RolloutEvent, rollout_events
+from rollout.events import (
+    DEGRADED_GRACE_S,
+    EventKind,
+    RolloutEvent,
+    degraded_told,
+    rollout_events,
+)
 from rollout.plan import (
     Active,
     Canary,
@@ -160,3 +167,31 @@ def test_an_event_id_is_stable_for_one_event_and_differs_between_events() -> Non
     body = a.to_json()
     assert body == {"id": a.id, "service": "svc", "event": "rollout_started", "revision": 2,
                     "cluster": "c2", "message": "m", "time": NOW}  # fmt: skip
+
+
+def ticks(states: list[tuple[float, ServiceState]]) -> list[tuple[float, EventKind]]:
+    """The cluster events of consecutive ticks, carrying `told` from tick to tick as the
+    controller does."""
+    told: frozenset[str] = frozenset()
+    out = []
+    for (_, before), (now, after) in itertools.pairwise(states):
+        for e in rollout_events(before, Decision(after), now, told, DEGRADED_GRACE_S):
+            out.append((now, e.kind))
+        told = degraded_told(after, told, now, DEGRADED_GRACE_S)
+    return out
+
+
+def test_a_dashboard_that_misses_a_few_answers_is_no_news() -> None:
+    """A GC pause or a busy head misses an answer or two: no webhook pair per hiccup."""
+    down = replace(LIVE, unreachable=(Unreachable("c1", 100.0),))
+    blip = [(98.0, LIVE), (100.0, down), (102.0, down), (104.0, LIVE), (106.0, LIVE)]
+    assert ticks(blip) == []
+
+
+def test_a_dashboard_silent_past_the_grace_is_degraded_once_then_recovered_once() -> None:
+    down = replace(LIVE, unreachable=(Unreachable("c1", 100.0),))
+    seq = [(98.0, LIVE)] + [(100.0 + 2 * i, down) for i in range(25)] + [(150.0, LIVE)]
+    assert ticks(seq) == [
+        (100.0 + DEGRADED_GRACE_S, EventKind.CLUSTER_DEGRADED),
+        (150.0, EventKind.CLUSTER_RECOVERED),
+    ]
