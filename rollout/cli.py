@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         url = getattr(args, "admin_url", "the admin API")
         print(f"raygate: cannot reach {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `raygate status --watch | head -1`: the reader left, which is no error of ours.
+        # Python would complain again flushing stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a pipeline's writer
     return code
 
 

@@ -331,3 +331,22 @@ def test_watching_every_service_draws_each(tmp_path: Path) -> None:
     text = screen.getvalue()
     assert "step 2/4" in text and "other" in text and "r1 on c9" in text
     assert "\x1b[34m━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━\x1b[0m 100%" in text, "a full bar"
+
+
+def test_status_watch_into_a_reader_that_leaves_ends_quietly(admin: Admin) -> None:
+    """`raygate status --watch | head -1`: once the reader has its line and goes, the watch
+    ends at its next write, with 141 (as a shell says of a SIGPIPE'd writer), no traceback."""
+    canary_at(admin.store, Canary(1, 20, 6.0))
+    proc = subprocess.Popen(cli(admin, "status", "digits", "--watch"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        seen = bytearray()
+        read_until(proc.stdout.fileno(), seen, b"\n", lines=1)
+        proc.stdout.close()  # the reader leaves
+        canary_at(admin.store, Canary(2, 50, 6.0))  # a change: the watch writes again
+        assert proc.wait(15) == 141
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
