@@ -120,8 +120,10 @@ def page_router(
             return login_page("wrong token")
         sid, _ = sessions.create()
         out = RedirectResponse("/", 303, headers={"Cache-Control": "no-store"})
+        # Secure when the page came over HTTPS (uvicorn reads X-Forwarded-Proto from a proxy
+        # on loopback): the cookie then never travels in clear text.
         out.set_cookie(COOKIE, sid, max_age=int(sessions.ttl_s), path="/", httponly=True,
-                       samesite="strict")  # fmt: skip
+                       samesite="strict", secure=request.url.scheme == "https")  # fmt: skip
         return out
 
     @router.post("/logout")

@@ -33,7 +33,8 @@ def store(tmp_path: Path) -> Store:
     return s
 
 
-def make_client(store: Store, sessions: Sessions) -> httpx.AsyncClient:
+def make_client(store: Store, sessions: Sessions, base_url: str = "http://admin"
+                ) -> httpx.AsyncClient:  # fmt: skip
     async def in_flight() -> dict[str, int]:
         return {}
 
@@ -42,7 +43,7 @@ def make_client(store: Store, sessions: Sessions) -> httpx.AsyncClient:
     app = create_admin_app(store, TOKEN, lambda name: None, in_flight,
                            metrics_registry=CollectorRegistry(), sessions=sessions,
                            rates=RateHistory())  # fmt: skip
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
 
 @pytest.fixture
@@ -77,6 +78,16 @@ async def test_nothing_with_data_without_token_or_session(client: httpx.AsyncCli
     for f in ("page.js", "page.css"):
         assert (await client.get(f"/static/{f}")).status_code == 200
     assert (await client.get("/static/../api.py")).status_code == 404
+
+
+async def test_the_cookie_is_secure_over_https_only(store: Store, tmp_path: Path) -> None:
+    """Over HTTPS (a TLS proxy in front) the cookie must never go out in clear text; over
+    plain HTTP on loopback a Secure cookie would never come back, so it is not set there."""
+    for scheme, secure in (("https", True), ("http", False)):
+        sessions = Sessions(tmp_path / f"{scheme}.json")
+        async with make_client(store, sessions, f"{scheme}://admin") as c:
+            parts = [p.strip().lower() for p in (await login(c)).headers["set-cookie"].split(";")]
+            assert ("secure" in parts) is secure, scheme
 
 
 async def test_wrong_token_is_refused_with_no_session(client: httpx.AsyncClient) -> None:
