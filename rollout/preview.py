@@ -25,6 +25,7 @@ from rollout.plan import (
     drains_when_dropped,
     reuses_pending,
     rollout_kind,
+    walks_canary,
 )
 from rollout.spec import ServiceSpec
 
@@ -92,7 +93,9 @@ def preview(
         if change == Kind.NEW_CLUSTER.value and not reuse and held >= MAX_CLUSTERS:
             names = ", ".join(retiring)
             reasons.append(f"waits for retiring cluster {names} to be deleted first")
-    canary = target.canary and change == Kind.NEW_CLUSTER.value
+    new_cluster = change == Kind.NEW_CLUSTER.value
+    active = state.active if state is not None else None
+    canary = walks_canary(active, Kind(change), target)
     upgrade = spec.upgrade
     strategy = {
         "name": "canary" if canary else ("in_place" if change == "in_place" else "bluegreen"),
@@ -101,7 +104,8 @@ def preview(
         "consecutive_successes": upgrade.health.consecutive_successes,
         "health_timeout_s": upgrade.health.timeout_s,
         "probes": len(upgrade.health.probes),
-        "bake_s": upgrade.bake_s if change == Kind.NEW_CLUSTER.value else 0.0,
+        # Only a switch away from a live cluster bakes it (`_promote`).
+        "bake_s": upgrade.bake_s if new_cluster and active is not None else 0.0,
     }  # fmt: skip
     return {**out, "change": change, "reasons": reasons, "strategy": strategy}
 
