@@ -31,7 +31,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from rollout import api_models as m
 from rollout.conflicts import route_conflicts
 from rollout.page import page_router
-from rollout.plan import COMMANDS, Analysis, Command, Hold, Pending, ServiceState, refusal
+from rollout.plan import (
+    COMMANDS,
+    Analysis,
+    Command,
+    Hold,
+    Pending,
+    ServiceState,
+    Step,
+    refusal,
+    walks_canary,
+)
 from rollout.preview import held_revisions, preview
 from rollout.rates import RateHistory
 from rollout.sessions import Sessions
@@ -157,7 +167,12 @@ def _canary_status(store: Store, state: ServiceState, p: Pending) -> dict[str, A
     return {
         # What this rollout runs as: a rollback never walks canary steps, whatever its spec.
         # (and an in-place update, of a push that changed only `upgrade`, is none either)
-        "strategy": "canary" if revision.canary and p.kind.value == "new_cluster" else "bluegreen",
+        # A first deploy never walks steps (no stable cluster): `plan.walks_canary`; one
+        # whose stable cluster went away mid-walk still shows the steps it walked.
+        "strategy": (
+            "canary" if walks_canary(state.active, p.kind, revision) or p.step is Step.CANARY
+            else "bluegreen"
+        ),
         "canary_step": step,
         "weight": c.weight if c is not None else 0,
         "paused": c is not None and (paused or c.hold is not Hold.NONE),

@@ -719,13 +719,20 @@ def _advance(
         streak = p.ok_streak + 1
         if streak < health.consecutive_successes:
             b.set(pending=replace(p, ok_streak=streak, message=obs.message))
-        elif p.kind is Kind.NEW_CLUSTER and revisions[p.revision].canary and b.state.active:
-            # (a first deploy has no stable cluster to share traffic with: it goes live)
+        elif walks_canary(b.state.active, p.kind, revisions[p.revision]):
             _begin_canary(b, p, revisions, observed, now)
         else:
             _promote(b, p, revisions, now)
     elif obs.health is Health.PENDING:
         b.set(pending=replace(p, ok_streak=0, message=obs.message))
+
+
+def walks_canary(active: Active | None, kind: Kind, revision: Revision) -> bool:
+    """A rollout walks canary steps once its gates pass: a canary revision on a new cluster
+    beside a stable one. A first deploy (or a restore) has no stable cluster to share
+    traffic with: it goes live at once, and nothing bakes (`_promote`). The one rule, used
+    by the status (`rollout.api`) and the plan preview (`rollout.preview`) too."""
+    return kind is Kind.NEW_CLUSTER and revision.canary and active is not None
 
 
 def _drain_s(*revisions: Revision | None) -> float:

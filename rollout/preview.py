@@ -25,6 +25,7 @@ from rollout.plan import (
     drains_when_dropped,
     reuses_pending,
     rollout_kind,
+    walks_canary,
 )
 from rollout.spec import ServiceSpec
 
@@ -91,8 +92,13 @@ def preview(
         held = len(retiring) + (1 if state.active else 0)
         if change == Kind.NEW_CLUSTER.value and not reuse and held >= MAX_CLUSTERS:
             names = ", ".join(retiring)
-            reasons.append(f"waits for retiring cluster {names} to be deleted first")
-    canary = target.canary and change == Kind.NEW_CLUSTER.value
+            # A baking cluster that takes the traffic back needs no slot (`_start`).
+            unless = "if no baking cluster takes it: " if baking_match(
+                state, target, revisions, now) else ""  # fmt: skip
+            reasons.append(f"{unless}waits for retiring cluster {names} to be deleted first")
+    new_cluster = change == Kind.NEW_CLUSTER.value
+    active = state.active if state is not None else None
+    canary = walks_canary(active, Kind(change), target)
     upgrade = spec.upgrade
     strategy = {
         "name": "canary" if canary else ("in_place" if change == "in_place" else "bluegreen"),
@@ -101,7 +107,8 @@ def preview(
         "consecutive_successes": upgrade.health.consecutive_successes,
         "health_timeout_s": upgrade.health.timeout_s,
         "probes": len(upgrade.health.probes),
-        "bake_s": upgrade.bake_s if change == Kind.NEW_CLUSTER.value else 0.0,
+        # Only a switch away from a live cluster bakes it (`_promote`).
+        "bake_s": upgrade.bake_s if new_cluster and active is not None else 0.0,
     }  # fmt: skip
     return {**out, "change": change, "reasons": reasons, "strategy": strategy}
 
@@ -127,6 +134,8 @@ def _notes(
         notes.append(f"supersedes revision {p.revision}, rolling out now")
         if reuses_pending(p, target):
             notes.append(f"reuses revision {p.revision}'s pending cluster {p.cluster}")
+    if reuses_pending(p, target):
+        return notes  # the reused cluster rolls it out (`_start` waits for it)
     for r in baking_match(state, target, revisions, now):
         notes.append(f"cluster {r.cluster} still bakes revision {r.revision}: traffic goes "
                      "back to it at once if it is healthy (no new cluster)")  # fmt: skip
