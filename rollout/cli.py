@@ -357,6 +357,9 @@ def _fail(resp: httpx.Response) -> int:
         for err in body["errors"]:
             text = f"{err['field']}: {err['message']}" if isinstance(err, dict) else err
             print(f"  - {text}", file=sys.stderr)
+    elif isinstance(body, dict) and isinstance(body.get("detail"), str):
+        # The server's words, as the canary commands print them; not a Python dict's repr
+        print(f"raygate: {body['detail']} ({resp.status_code})", file=sys.stderr)
     else:
         print(f"raygate: {resp.status_code}: {body}", file=sys.stderr)
     return 1

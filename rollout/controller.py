@@ -456,7 +456,10 @@ class Controller:
             if table != self._table:
                 started = time.perf_counter()
                 await self.dataplane.apply(table)
-                self.metrics.step_took("switch", time.perf_counter() - started)
+                # A switch is traffic moving; a table that only adds a cluster at weight 0
+                # (a pending one), drops one that took none, or starts raygate is not one.
+                if _shares(table) != _shares(self._table):
+                    self.metrics.step_took("switch", time.perf_counter() - started)
                 self._table = table
             # Every tick, so a deleted cluster's weight disappears too.
             self.metrics.set_weights({n: s.traffic() for n, s in states.items()})
@@ -596,3 +599,11 @@ class Controller:
     def _event(self, service: str, text: str) -> None:
         log.info("%s: %s", service, text)
         self.store.add_event(service, text, self.clock())
+
+
+def _shares(table: RouteTable | None) -> set[tuple[str, str, int]]:
+    """(route, cluster, weight) of every backend that takes requests in `table`."""
+    if table is None:
+        return set()
+    return {(r.prefix, b.cluster, b.weight) for r in table.routes for b in r.backends
+            if b.weight > 0}  # fmt: skip

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rollout.plan import Decision, DeleteCluster, Kind, Result, ServiceState, Step
+from rollout.plan import (
+    Decision,
+    DeleteCluster,
+    Kind,
+    Result,
+    RolloutRecord,
+    ServiceState,
+    Step,
+)
 
 
 class EventKind(StrEnum):
@@ -106,8 +114,17 @@ def rollout_events(
     # A push supersedes the rollout under way before the newer one starts (one tick): said
     # in that order, or a receiver that tracks the rollout under way would think none is.
     superseded = [r for r in decision.finished if r.result is Result.SUPERSEDED]
+    ba, aa = before.active, after.active
+
+    def ran_on(record: RolloutRecord) -> str | None:
+        """The cluster a revision that ended ran on: where it is live now (succeeded), else
+        where it rolled out, else where it was live (rolled back)."""
+        first = (aa, bp, ba) if record.result is Result.SUCCEEDED else (bp, ba)
+        return next((r.cluster for r in first if r and r.revision == record.revision), None)
+
     for record in superseded:
-        add(EventKind.SUPERSEDED, record.revision, record.message or record.result.value)
+        add(EventKind.SUPERSEDED, record.revision, record.message or record.result.value,
+            ran_on(record))  # fmt: skip
     if ap is not None and (bp is None or bp.revision != ap.revision):
         how = "in place" if ap.kind is Kind.IN_PLACE else "on a new cluster"
         add(EventKind.STARTED, ap.revision, f"rollout of revision {ap.revision} started {how} "
@@ -128,14 +145,14 @@ def rollout_events(
         if (ac.index, ac.weight) != was:
             add(EventKind.CANARY_STEP, ap.revision, f"canary {ap.cluster}: {ac.index} step(s) "
                 f"done, weight {was[1]}% -> {ac.weight}%", ap.cluster)  # fmt: skip
-    ba, aa = before.active, after.active
     if aa is not None and (ba is None or ba.cluster != aa.cluster):
         add(EventKind.TRAFFIC_SWITCHED, aa.revision,
             f"all traffic on {aa.cluster} (revision {aa.revision})"
             + (f", was on {ba.cluster}" if ba is not None else ""), aa.cluster)  # fmt: skip
     for record in decision.finished:
         if record.result is not Result.SUPERSEDED:
-            add(_ENDED[record.result], record.revision, record.message or record.result.value)
+            add(_ENDED[record.result], record.revision, record.message or record.result.value,
+                ran_on(record))  # fmt: skip
     lost = {a.cluster for a in decision.actions if isinstance(a, DeleteCluster)
             and a.reason == "dead"}  # fmt: skip
     if ba is not None and ba.cluster in lost:

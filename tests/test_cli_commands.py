@@ -172,3 +172,14 @@ def test_status_shows_the_canary_and_the_bake_window(
     assert f"baking:  c1 (r1) kept at weight 0 until {stamp}, ready to take traffic back" in out
     assert "bake analysis: not judged yet: no interval judged yet" in out
     assert "canary:" not in out
+
+
+def test_a_missing_service_is_said_in_words_not_as_a_python_dict(
+    admin: Admin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`raygate status nope` printed `raygate: 404: {'detail': "no service 'nope'"}`: the
+    server's words inside a Python dict's repr."""
+    for argv in (("status", "nope"), ("history", "nope"), ("delete", "nope")):
+        assert admin.run(*argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err == "raygate: no service 'nope' (404)\n", (argv, err)

@@ -195,3 +195,27 @@ def test_a_dashboard_silent_past_the_grace_is_degraded_once_then_recovered_once(
         (100.0 + DEGRADED_GRACE_S, EventKind.CLUSTER_DEGRADED),
         (150.0, EventKind.CLUSTER_RECOVERED),
     ]
+
+
+def test_a_rollout_that_ends_names_the_cluster_it_ran_on() -> None:
+    """The webhook body's `cluster` was null on every rollout_succeeded, rollout_aborted,
+    rollout_superseded and rolled_back (seen on a real raygate: `"event":
+    "rollout_succeeded", "cluster": null, "message": "revision 2 is live on digits-fce2e2"`):
+    a receiver had to parse the message to learn where the revision went live or failed."""
+    before = replace(LIVE, pending=pending(Step.HEALTH, ok_streak=1))
+    live = Decision(
+        ServiceState("svc", active=Active("c2", 2, "h2")),
+        finished=(RolloutRecord(2, Result.SUCCEEDED, "revision 2 is live on c2"),),
+    )
+    assert rollout_events(before, live, NOW)[-1].cluster == "c2"
+    aborted = Decision(LIVE, finished=(RolloutRecord(2, Result.ABORTED, "failed"),))
+    assert rollout_events(before, aborted, NOW)[-1].cluster == "c2"
+    superseded = Decision(replace(LIVE, pending=pending(Step.DEPLOY, revision=3, cluster="c3")),
+                          finished=(RolloutRecord(2, Result.SUPERSEDED, "by 3"),))  # fmt: skip
+    assert rollout_events(before, superseded, NOW)[0].cluster == "c2"
+    baked = ServiceState("svc", active=Active("c2", 2, "h2"))
+    back = Decision(
+        ServiceState("svc", active=Active("c1", 1, "h1")),
+        finished=(RolloutRecord(2, Result.ROLLED_BACK, "traffic back"),),
+    )
+    assert rollout_events(baked, back, NOW)[-1].cluster == "c2"
