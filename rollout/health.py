@@ -152,7 +152,7 @@ class HealthChecker:
             report = await self._probe(serve_url, probe)
             if report.health is not Health.OK:
                 return report
-        return Report(Health.OK, "all gates passed")
+        return Report(Health.OK, "every gate passed this check")
 
     async def proxy_alive(self, serve_url: str) -> bool:
         """Does the Serve proxy answer its health check? Asked of a cluster whose dashboard

@@ -300,7 +300,7 @@ function render(state) {
   if (!list.length) {
     main.replaceChildren(SERVICE
       ? h("p", { class: "empty" }, `No service ${SERVICE}: deleted, or never pushed. `, h("a", { href: "/", text: "← all services" }))
-      : h("p", { class: "empty", text: "No services yet: push a spec with `raygate push SPEC`." }));
+      : h("p", { class: "empty" }, "No services yet: push a spec with ", h("code", { text: "raygate push SPEC" }), "."));
     return;
   }
   const open = new Set([...main.querySelectorAll("details[open] summary")].map((e) => e.textContent));
