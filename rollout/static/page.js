@@ -210,7 +210,9 @@ function rollout(svc) {
   });
   steps.push([p.strategy === "canary" ? "all traffic" : p.kind === "new_cluster" ? "switch traffic" : "live", "todo"]);
   const box = h("div", { class: "rollout" },
-    h("h3", {}, `Rollout to revision ${p.revision} `, badge(p.strategy || "bluegreen", "kind"), " ", badge(p.kind.replace("_", " "), "kind")),
+    // An in-place update is neither blue-green nor canary (the API's strategy says bluegreen)
+    h("h3", {}, `Rollout to revision ${p.revision} `, p.kind === "in_place" ? null : [badge(p.strategy || "bluegreen", "kind"), " "],
+      badge(p.kind.replace("_", " "), "kind")),
     h("ol", { class: "steps" }, steps.map(([t, st]) => h("li", { class: st, text: t }))),
   );
   if (p.strategy === "canary") box.append(h("p", {}, `Canary weight now `, h("b", { text: `${p.weight}%` }),
