@@ -272,7 +272,10 @@ function card(svc, detail) {
     warnings.push(h("div", { class: "failure" }, h("b", { text: `Revision ${svc.last_rollout.revision} failed` }),
       message(svc.last_rollout.message, true)));
   }
-  const retiring = (svc.retiring || []).map((r) => role("Retiring", r, ` · ${r.in_flight} in flight`));
+  // A baking cluster is kept (weight 0, not drained) for a rollback: say so, and until when
+  const retiring = (svc.retiring || []).map((r) => r.bake_until
+    ? role("Baking", r, ` · baking until ${clock(r.bake_until)}, ready to take traffic back · ${r.in_flight} in flight`)
+    : role("Retiring", r, ` · ${r.in_flight} in flight`));
   const el = h("section", { class: `card phase-${svc.phase}`, "data-name": svc.name, "data-phase": svc.phase },
     h("div", { class: "head" }, name, badge(svc.phase, "phase"),
       h("span", { class: "muted", text: `desired r${svc.desired_revision}` }), actions(svc)),

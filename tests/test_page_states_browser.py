@@ -1,0 +1,129 @@
+"""The status page in a real browser (Debian's Chromium), without Ray, for the states the
+canary test does not draw: a failed first deploy (Serve's error shown), an in-place update
+(its own steps, not called blue-green), a cluster baking after a switch (said to be kept,
+and until when, not only "retiring"), and a service being deleted (no rollback button).
+A real Store served by the real admin app on loopback; the gateway's in-flight counts are a
+test double, as in tests/test_page_browser.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from playwright.sync_api import expect
+from prometheus_client import CollectorRegistry
+
+from rollout.api import create_admin_app
+from rollout.plan import (
+    Active,
+    Kind,
+    Pending,
+    Result,
+    Retiring,
+    RolloutRecord,
+    ServiceState,
+    Step,
+)
+from rollout.rates import RateHistory
+from rollout.sessions import Sessions
+from rollout.spec import parse_spec
+from rollout.store import Store
+from tests.browser import chromium
+from tests.harness import wait_for
+from tests.loopback import free_port
+from tests.test_api import put_state, spec
+
+TOKEN = "browser-test-token-of-24-chars"
+SERVE_ERROR = (
+    'Traceback (most recent call last):\n  File "digits.py", line 3, in <module>\n'
+    "ModuleNotFoundError: No module named 'sklearnx'"
+)
+
+
+@pytest.fixture
+def admin(tmp_path: Path) -> Iterator[str]:
+    store = Store(tmp_path / "raygate.db")
+    # A first deploy that failed: no cluster, Serve's error in the last rollout
+    store.push(parse_spec(spec("broken", "/broken")), 1.0)
+    failed = RolloutRecord(1, Result.ABORTED, SERVE_ERROR)
+    put_state(store, ServiceState("broken", last_rollout=failed, failed_up_to=1), failed)
+    # An in-place update at its health gates
+    store.push(parse_spec(spec("inplace", "/inplace")), 1.0)
+    put_state(store, ServiceState("inplace", Active("c1", 1, "h1")),
+              RolloutRecord(1, Result.SUCCEEDED, "live"))  # fmt: skip
+    store.push(parse_spec(spec("inplace", "/inplace", label="b")), 2.0)
+    in_place = Pending(2, Kind.IN_PLACE, "c1", "h1", Step.HEALTH, 5.0, 1)
+    put_state(store, ServiceState("inplace", Active("c1", 1, "h1"), in_place))
+    # r2 live on c3, r1's cluster c2 baking (weight 0, ready to take traffic back)
+    store.push(parse_spec(spec("baked", "/baked")), 1.0)
+    store.push(parse_spec(spec("baked", "/baked", label="b")), 2.0)
+    bake_until = time.time() + 600
+    live = RolloutRecord(2, Result.SUCCEEDED, "revision 2 is live on c3")
+    put_state(store, ServiceState("baked", Active("c3", 2, "h3"), last_rollout=live,
+                                  retiring=(Retiring("c2", 3.0, 30.0, 0.0, 1, bake_until),)),
+              RolloutRecord(1, Result.SUCCEEDED, "live"), live)  # fmt: skip
+    # A service being deleted: its cluster drains
+    store.push(parse_spec(spec("gone", "/gone")), 1.0)
+    put_state(store, ServiceState("gone", retiring=(Retiring("c4", 3.0, 30.0, 0.0, 1),),
+                                  deleting=True))  # fmt: skip
+
+    async def in_flight() -> dict[str, int]:  # the gateway's counts: a test double
+        return {"c1": 1, "c2": 0, "c3": 2, "c4": 1}
+
+    app = create_admin_app(store, TOKEN, lambda name: None, in_flight, CollectorRegistry(),
+                           sessions=Sessions(key=TOKEN.encode()), rates=RateHistory())  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for("the admin server", lambda: server.started, 10, 0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_failed_in_place_baking_and_deleting_cards(admin: str, tmp_path: Path) -> None:
+    with chromium() as browser:
+        page = browser.new_context(viewport={"width": 1280, "height": 2400}).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(admin + "/")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+
+        broken = page.locator("section.card[data-name=broken]")
+        expect(broken).to_have_attribute("data-phase", "failed")
+        expect(broken.locator(".failure")).to_contain_text("Revision 1 failed")
+        expect(broken.locator(".failure .exc")).to_have_text(
+            "ModuleNotFoundError: No module named 'sklearnx'")  # fmt: skip
+
+        inplace = page.locator("section.card[data-name=inplace]")
+        expect(inplace).to_have_attribute("data-phase", "upgrading")
+        steps = inplace.locator(".rollout .steps li")
+        expect(steps).to_have_count(3)
+        expect(steps.nth(0)).to_have_class("done")
+        expect(steps.nth(1)).to_have_class("now")
+        expect(steps.nth(1)).to_contain_text("healthy 1/3 in a row")
+        head = inplace.locator(".rollout h3")
+        expect(head).to_contain_text("in place")
+        expect(head).not_to_contain_text("bluegreen")  # an in-place update is no blue-green
+
+        baked = page.locator("section.card[data-name=baked]")
+        expect(baked).to_have_attribute("data-phase", "live")
+        kept = baked.locator(".role[data-cluster=c2]")
+        expect(kept).to_contain_text("baking until")
+        expect(kept).to_contain_text("ready to take traffic back")
+
+        gone = page.locator("section.card[data-name=gone]")
+        expect(gone).to_have_attribute("data-phase", "deleting")
+        expect(gone.locator(".actions button")).to_have_count(0)
+        expect(gone.locator(".role[data-cluster=c4]")).to_contain_text("1 in flight")
+        page.screenshot(path=str(tmp_path / "states.png"), full_page=True)
+        print("screenshot:", tmp_path / "states.png")
+        assert errors == [], errors
