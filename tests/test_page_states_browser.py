@@ -71,6 +71,14 @@ def admin(tmp_path: Path) -> Iterator[str]:
     put_state(store, ServiceState("gone", retiring=(Retiring("c4", 3.0, 30.0, 0.0, 1),),
                                   deleting=True))  # fmt: skip
 
+    # Deleted mid-rollout: until the controller's next pass ends it, the rollout is still
+    # in the state, but no command applies any more (a deleting service takes none)
+    store.push(parse_spec(spec("going", "/going")), 1.0)
+    put_state(store, ServiceState("going", Active("c6", 1, "h6")))
+    store.push(parse_spec(spec("going", "/going", label="b")), 2.0)
+    midway = Pending(2, Kind.NEW_CLUSTER, "c7", "h7", Step.HEALTH, 5.0)
+    put_state(store, ServiceState("going", Active("c6", 1, "h6"), midway, deleting=True))
+
     async def in_flight() -> dict[str, int]:  # the gateway's counts: a test double
         return {"c1": 1, "c2": 0, "c3": 2, "c4": 1}
 
@@ -124,6 +132,10 @@ def test_failed_in_place_baking_and_deleting_cards(admin: str, tmp_path: Path) -
         expect(gone).to_have_attribute("data-phase", "deleting")
         expect(gone.locator(".actions button")).to_have_count(0)
         expect(gone.locator(".role[data-cluster=c4]")).to_contain_text("1 in flight")
+        going = page.locator("section.card[data-name=going]")
+        expect(going).to_have_attribute("data-phase", "deleting")
+        expect(going.locator(".role[data-cluster=c7]")).to_be_visible()
+        expect(going.locator(".actions button")).to_have_count(0)
         page.screenshot(path=str(tmp_path / "states.png"), full_page=True)
         print("screenshot:", tmp_path / "states.png")
         assert errors == [], errors

@@ -113,6 +113,8 @@ function actions(svc) {
     onclick: () => act(svc.name, kind),
   });
   const out = [];
+  // A service being deleted takes no command (the API's 409): no button that cannot work
+  if (svc.phase === "deleting") return h("div", { class: "actions" }, out);
   if (svc.pending) {
     if (svc.pending.strategy === "canary") {
       out.push(b("promote", "Promote"));
@@ -120,8 +122,8 @@ function actions(svc) {
     }
     out.push(b("abort", "Abort", true));
   }
-  if (svc.active && svc.phase !== "deleting") out.push(b("rollback", "Roll back"));
-  if (svc.phase !== "deleting") out.push(b("delete", "Delete", true));
+  if (svc.active) out.push(b("rollback", "Roll back"));
+  out.push(b("delete", "Delete", true));
   return h("div", { class: "actions" }, out);
 }
 
