@@ -35,7 +35,7 @@ from rollout.store import Store
 from tests.browser import chromium
 from tests.harness import wait_for
 from tests.loopback import free_port
-from tests.test_api import put_state, spec
+from tests.test_api import CANARY, put_state, spec
 
 TOKEN = "browser-test-token-of-24-chars"
 SERVE_ERROR = (
@@ -78,6 +78,14 @@ def admin(tmp_path: Path) -> Iterator[str]:
     store.push(parse_spec(spec("going", "/going", label="b")), 2.0)
     midway = Pending(2, Kind.NEW_CLUSTER, "c7", "h7", Step.HEALTH, 5.0)
     put_state(store, ServiceState("going", Active("c6", 1, "h6"), midway, deleting=True))
+
+    # A canary at its health gates: its steps have not begun, so promote and pause are
+    # refused (409) until they do; abort applies
+    store.push(parse_spec(spec("gating", "/gating")), 1.0)
+    put_state(store, ServiceState("gating", Active("c8", 1, "h8")))
+    store.push(parse_spec({**spec("gating", "/gating", label="b"), "upgrade": CANARY}), 2.0)
+    gates = Pending(2, Kind.NEW_CLUSTER, "c9", "h9", Step.HEALTH, 5.0, 2)
+    put_state(store, ServiceState("gating", Active("c8", 1, "h8"), gates))
 
     async def in_flight() -> dict[str, int]:  # the gateway's counts: a test double
         return {"c1": 1, "c2": 0, "c3": 2, "c4": 1}
@@ -136,6 +144,13 @@ def test_failed_in_place_baking_and_deleting_cards(admin: str, tmp_path: Path) -
         expect(going).to_have_attribute("data-phase", "deleting")
         expect(going.locator(".role[data-cluster=c7]")).to_be_visible()
         expect(going.locator(".actions button")).to_have_count(0)
+        gating = page.locator("section.card[data-name=gating]")
+        expect(gating.locator(".rollout .steps li").filter(has_text="canary 1")).to_have_class(
+            "todo"
+        )
+        expect(gating.locator("[data-action=abort]")).to_have_count(1)
+        expect(gating.locator("[data-action=promote]")).to_have_count(0)
+        expect(gating.locator("[data-action=pause]")).to_have_count(0)
         page.screenshot(path=str(tmp_path / "states.png"), full_page=True)
         print("screenshot:", tmp_path / "states.png")
         assert errors == [], errors

@@ -116,7 +116,8 @@ function actions(svc) {
   // A service being deleted takes no command (the API's 409): no button that cannot work
   if (svc.phase === "deleting") return h("div", { class: "actions" }, out);
   if (svc.pending) {
-    if (svc.pending.strategy === "canary") {
+    // promote/pause/resume apply once the canary walks its steps (before: the API's 409)
+    if (svc.pending.strategy === "canary" && svc.pending.step === "canary") {
       out.push(b("promote", "Promote"));
       out.push(svc.pending.hold === "user" ? b("resume", "Resume") : b("pause", "Pause"));
     }
