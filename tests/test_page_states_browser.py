@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from rollout.api import create_admin_app
 from rollout.plan import (
     Active,
+    Canary,
+    Hold,
     Kind,
     Pending,
     Result,
@@ -87,6 +89,14 @@ def admin(tmp_path: Path) -> Iterator[str]:
     gates = Pending(2, Kind.NEW_CLUSTER, "c9", "h9", Step.HEALTH, 5.0, 2)
     put_state(store, ServiceState("gating", Active("c8", 1, "h8"), gates))
 
+    # A canary that held itself for lack of data: `raygate resume` judges again
+    store.push(parse_spec(spec("starved", "/starved")), 1.0)
+    put_state(store, ServiceState("starved", Active("c10", 1, "h10")))
+    store.push(parse_spec({**spec("starved", "/starved", label="b"), "upgrade": CANARY}), 2.0)
+    held = Canary(0, 20, 6.0, Hold.NO_DATA)
+    starved = Pending(2, Kind.NEW_CLUSTER, "c11", "h11", Step.CANARY, 5.0, 3, "", held)
+    put_state(store, ServiceState("starved", Active("c10", 1, "h10"), starved))
+
     async def in_flight() -> dict[str, int]:  # the gateway's counts: a test double
         return {"c1": 1, "c2": 0, "c3": 2, "c4": 1}
 
@@ -151,6 +161,9 @@ def test_failed_in_place_baking_and_deleting_cards(admin: str, tmp_path: Path) -
         expect(gating.locator("[data-action=abort]")).to_have_count(1)
         expect(gating.locator("[data-action=promote]")).to_have_count(0)
         expect(gating.locator("[data-action=pause]")).to_have_count(0)
+        starved_card = page.locator("section.card[data-name=starved]")
+        expect(starved_card.locator(".rollout")).to_contain_text("paused: no data")
+        expect(starved_card.locator("[data-action=resume]")).to_have_count(1)
         page.screenshot(path=str(tmp_path / "states.png"), full_page=True)
         print("screenshot:", tmp_path / "states.png")
         assert errors == [], errors

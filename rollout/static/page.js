@@ -119,7 +119,9 @@ function actions(svc) {
     // promote/pause/resume apply once the canary walks its steps (before: the API's 409)
     if (svc.pending.strategy === "canary" && svc.pending.step === "canary") {
       out.push(b("promote", "Promote"));
-      out.push(svc.pending.hold === "user" ? b("resume", "Resume") : b("pause", "Pause"));
+      // Held by `pause` or for lack of data: resume goes on (a no-data hold waits for it)
+      if (svc.pending.hold) out.push(b("resume", "Resume"));
+      if (svc.pending.hold !== "user") out.push(b("pause", "Pause"));
     }
     out.push(b("abort", "Abort", true));
   }
