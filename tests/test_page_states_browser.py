@@ -1,7 +1,9 @@
 """The status page in a real browser (Debian's Chromium), without Ray, for the states the
 canary test does not draw: a failed first deploy (Serve's error shown), an in-place update
 (its own steps, not called blue-green), a cluster baking after a switch (said to be kept,
-and until when, not only "retiring"), and a service being deleted (no rollback button).
+and until when, not only "retiring"), a service being deleted, also mid-rollout (no
+button: the API takes no command then), a canary at its health gates (Abort only: promote
+and pause are refused until its steps run) and a canary held for lack of data (Resume).
 A real Store served by the real admin app on loopback; the gateway's in-flight counts are a
 test double, as in tests/test_page_browser.py."""
 
