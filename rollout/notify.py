@@ -5,8 +5,8 @@ each target URL and the tick goes on. Every target has its own bounded queue and
 task, so a slow or dead receiver delays only its own events. A full queue drops its oldest
 event; a POST that fails is retried with exponential backoff and jitter up to `attempts`
 times, each attempt bounded by `timeout_s` in total. Whatever is finally not delivered is
-counted in `raygate_webhook_deliveries{result="failed"|"dropped"}` and logged; every failed
-attempt in `raygate_webhook_attempt_failures{reason}`. `close` gives the queues a bounded
+counted in `raygate_webhook_deliveries_total{result="failed"|"dropped"}` and logged; every failed
+attempt in `raygate_webhook_attempt_failures_total{reason}`. `close` gives the queues a bounded
 time to flush at shutdown.
 
 Events live in memory only: raygate killed (not stopped) loses what was queued. The body
