@@ -18,7 +18,7 @@ import httpx
 import yaml
 
 from gateway.routes import route_prefix_problem
-from rollout.progress import Mode, Progress, choose_mode
+from rollout.progress import Mode, Progress, canary_detail, choose_mode
 from rollout.spec import SpecError, load_spec_file, webhook_url_problem
 
 DEFAULT_ADMIN = "http://127.0.0.1:8001"
@@ -565,25 +565,10 @@ def _canary_lines(p: dict[str, Any]) -> list[str]:
     """A canary under way, in words: its step, its weight, whether (and why) it holds."""
     if p.get("strategy") != "canary" or p.get("step") != "canary":
         return []
-    step = p.get("canary_step")
-    where = "every step done" if step is None else f"step {step['index']}/{step['of']}"
-    if step is not None:
-        s = step["step"]
-        if "weight" in s:
-            where += f" (weight {s['weight']}%)"
-        elif s.get("pause", {}).get("duration_s") is not None:
-            where += f" (pause {s['pause']['duration_s']:g}s)"
-        else:
-            where += " (pause until promoted)"
-    line = f"  canary:  {where}, weight now {p.get('weight', 0)}%"
-    hold = p.get("hold")
-    if hold == "user":
-        line += ", PAUSED by `raygate pause` (resume, promote or abort)"
-    elif hold == "no_data":
-        line += ", PAUSED: not enough traffic to judge (resume, promote or abort)"
-    elif p.get("paused"):
-        line += ", PAUSED: waiting for `raygate promote`"
-    return [line]
+    text, _ = canary_detail(p)
+    if p.get("hold") in ("user", "no_data"):
+        text += " (resume, promote or abort)"
+    return [f"  canary:  {text}"]
 
 
 def _analysis_line(a: dict[str, Any] | None, what: str) -> list[str]:

@@ -65,7 +65,9 @@ def _first_line(text: str | None, width: int = 100) -> str:
     return text.splitlines()[0][:width] if text else ""
 
 
-def _canary_detail(p: Status) -> tuple[str, tuple[int, int] | None]:
+def canary_detail(p: Status) -> tuple[str, tuple[int, int] | None]:
+    """A canary under way, in words (its step, its weight, whether and why it holds), and
+    its steps done as (done, of) for a bar; `raygate status` prints the same words."""
     step = p.get("canary_step")
     if step is None:
         where, bar = "every step done", None
@@ -118,7 +120,7 @@ def steps(s: Status) -> list[StepView]:
         rows.append(("create_cluster", f"start cluster {cluster}", message, None))
         rows.append(("health", "deploy the Serve apps, pass health checks", health, None))
         if p.get("strategy") == "canary":
-            detail, bar = _canary_detail(p)
+            detail, bar = canary_detail(p)
             rows.append(("canary", "canary steps", detail, bar))
             rows.append(("switch", f"all traffic on {cluster}", "", None))
         else:
