@@ -4,13 +4,11 @@ would write are committed to the store directly."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from rollout.analysis import Outcome, Verdict
 from rollout.api import create_admin_app
@@ -28,7 +26,7 @@ from rollout.plan import (
 )
 from rollout.spec import parse_spec
 from rollout.store import Store
-from tests.loopback import free_port
+from tests.loopback import free_port, served
 from tests.test_api import TOKEN, canary_spec, canary_state, put_state, spec
 
 
@@ -53,18 +51,8 @@ def admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
         return {}
 
     app = create_admin_app(store, TOKEN, admin.woken.append, in_flight)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "admin API did not start"
-        time.sleep(0.02)
-    yield admin
-    server.should_exit = True
-    thread.join(10)
-    assert not thread.is_alive()
+    with served(app, port):
+        yield admin
     store.close()
 
 

@@ -4,14 +4,11 @@ the CLI or by the server) and what it prints."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 import yaml
 
 from rollout.api import create_admin_app
@@ -20,7 +17,7 @@ from rollout.cli_diff import render
 from rollout.plan import Active, Result, RolloutRecord, ServiceState
 from rollout.spec import ServiceSpec, parse_spec
 from rollout.store import Store
-from tests.loopback import free_port
+from tests.loopback import free_port, served
 from tests.test_api import TOKEN, put_state, spec
 
 MAX_CPUS = 8  # what this test's stand-in for a provider check accepts
@@ -43,18 +40,8 @@ def admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Sto
         return {}
 
     app = create_admin_app(store, TOKEN, lambda name: None, in_flight, check_spec=provider_check)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "admin API did not start"
-        time.sleep(0.02)
-    yield store, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    assert not thread.is_alive()
+    with served(app, port):
+        yield store, f"http://127.0.0.1:{port}"
     store.close()
 
 

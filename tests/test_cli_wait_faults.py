@@ -8,6 +8,7 @@ controller would write are committed directly (as in test_progress.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 
 from rollout.api import create_admin_app
@@ -29,7 +29,7 @@ from rollout.progress import Mode, Progress
 from rollout.spec import parse_spec
 from rollout.store import Store
 from tests.harness import ROOT
-from tests.loopback import free_port
+from tests.loopback import free_port, served
 from tests.test_api import TOKEN, put_state, spec
 from tests.test_progress import live_r1, read_until
 
@@ -42,8 +42,7 @@ class Admin:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.polls = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: contextlib.AbstractContextManager[str] | None = None
 
     def start(self) -> None:
         async def in_flight() -> dict[str, int]:
@@ -51,21 +50,13 @@ class Admin:
             return {}
 
         app = create_admin_app(self.store, TOKEN, lambda _name: None, in_flight)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")  # fmt: skip
-        self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "admin did not start"
-            time.sleep(0.02)
+        self._serving = served(app, self.port)
+        self._serving.__enter__()
 
     def stop(self) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._server = None
+        assert self._serving is not None
+        serving, self._serving = self._serving, None
+        serving.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -75,7 +66,7 @@ def admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
     admin = Admin(store)
     admin.start()
     yield admin
-    if admin._server is not None:
+    if admin._serving is not None:
         admin.stop()
     store.close()
 

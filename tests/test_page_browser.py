@@ -7,12 +7,10 @@ but without that header changes nothing. Fast: the Ray story is tests/test_e2e_p
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import expect
 from prometheus_client import CollectorRegistry
 
@@ -24,8 +22,7 @@ from rollout.sessions import Sessions
 from rollout.spec import parse_spec
 from rollout.store import Store
 from tests.browser import chromium
-from tests.harness import wait_for
-from tests.loopback import free_port
+from tests.loopback import served
 from tests.test_api import canary_spec, canary_state, put_state, spec
 
 TOKEN = "browser-test-token-of-24-chars"
@@ -47,16 +44,8 @@ def admin(tmp_path: Path) -> Iterator[tuple[str, Store]]:
 
     app = create_admin_app(store, TOKEN, lambda name: None, in_flight, CollectorRegistry(),
                            sessions=Sessions(key=TOKEN.encode()), rates=RateHistory())  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the admin server", lambda: server.started, 10, 0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}", store
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(app) as url:
+        yield url, store
 
 
 def test_canary_page_and_a_confirmed_pause(admin: tuple[str, Store], tmp_path: Path) -> None:

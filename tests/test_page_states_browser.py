@@ -9,13 +9,11 @@ test double, as in tests/test_page_browser.py."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from playwright.sync_api import expect
 from prometheus_client import CollectorRegistry
 
@@ -37,8 +35,7 @@ from rollout.sessions import Sessions
 from rollout.spec import parse_spec
 from rollout.store import Store
 from tests.browser import chromium
-from tests.harness import wait_for
-from tests.loopback import free_port
+from tests.loopback import served
 from tests.test_api import CANARY, put_state, spec
 
 TOKEN = "browser-test-token-of-24-chars"
@@ -104,16 +101,8 @@ def admin(tmp_path: Path) -> Iterator[str]:
 
     app = create_admin_app(store, TOKEN, lambda name: None, in_flight, CollectorRegistry(),
                            sessions=Sessions(key=TOKEN.encode()), rates=RateHistory())  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the admin server", lambda: server.started, 10, 0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served(app) as url:
+        yield url
 
 
 def test_failed_in_place_baking_and_deleting_cards(admin: str, tmp_path: Path) -> None:

@@ -16,14 +16,12 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from rich.console import Console
 
@@ -45,7 +43,7 @@ from rollout.progress import Done, Mode, Progress, StepView, steps, summary, vie
 from rollout.spec import parse_spec
 from rollout.store import Store
 from tests.harness import ROOT
-from tests.loopback import free_port
+from tests.loopback import free_port, served
 from tests.test_api import TOKEN, canary_spec, canary_state, put_state, spec
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots"
@@ -73,17 +71,8 @@ def admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
         return {"c1": admin.polls}
 
     app = create_admin_app(store, TOKEN, lambda _name: None, in_flight)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "admin API did not start"
-        time.sleep(0.02)
-    yield admin
-    server.should_exit = True
-    thread.join(10)
+    with served(app, port):
+        yield admin
     store.close()
 
 
